@@ -1,0 +1,4 @@
+"""The optimization side of SPIN: body model, keypoints, cameras, priors, SMPLify, rendering.
+
+Imports nothing from `trainer` or `pipeline`.
+"""
