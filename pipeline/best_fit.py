@@ -1,0 +1,196 @@
+"""Fitting one batch of samples and keeping the best fit: SPIN's fits dictionary, on disk.
+
+`BatchFitter.fit_table` takes a batch of sample rows (with their shard path) and returns rows of
+the fit stage's output schema: the better of the new fit and the previous round's best fit, scored
+under the same keypoints, or a quarantine reason.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fitting.body_model import load_body_model
+from fitting.camera import IMG_RES, estimate_translation, normalized_to_pixels
+from fitting.priors import load_prior
+from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
+from pipeline import rundir
+from trainer.tables import FITS_SCHEMA, make_table, read_table, to_numpy
+
+
+
+def keep_new(new_loss: np.ndarray, old_loss: np.ndarray) -> np.ndarray:
+    """Where the new fit replaces the old one: strictly lower loss; a missing or non-finite old
+    loss always loses, a non-finite new loss never wins."""
+    new_ok = np.isfinite(new_loss)
+    old_ok = np.isfinite(old_loss)
+    return new_ok & (~old_ok | (new_loss < old_loss))
+
+
+class BatchFitter:
+    def __init__(self, spec):
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.model = load_body_model(spec.body_model or None, self.device)
+        self.prior = load_prior(spec.prior or None).to(self.device)
+        self.config = SmplifyConfig.from_dict(spec.smplify)
+        self.regressor = None
+        if spec.checkpoint:
+            from trainer.train import load_regressor
+            self.regressor = load_regressor(spec.checkpoint, device=self.device)
+        from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+        mean = load_mean_params()
+        self.mean_pose = torch.as_tensor(mean_pose_axis_angle(mean), dtype=torch.float32)
+        self.mean_betas = torch.as_tensor(mean["shape"], dtype=torch.float32)
+        self._previous: dict[str, tuple[dict[str, int], dict[str, np.ndarray], pa.Table]] = {}
+
+    # -------------------------------------------------------------- public
+    def fit_table(self, batch: pa.Table) -> pa.Table:
+        """Fit a batch; on an unexpected failure, split it to isolate and quarantine the culprits."""
+        try:
+            return self._fit(batch)
+        except Exception as exc:  # noqa: BLE001 - one bad sample must not sink the round
+            if len(batch) == 1:
+                return self._quarantined(batch, f"fit failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            half = len(batch) // 2
+            return pa.concat_tables([self.fit_table(batch.slice(0, half)), self.fit_table(batch.slice(half))])
+
+    # -------------------------------------------------------------- internals
+    def _fit(self, batch: pa.Table) -> pa.Table:
+        n = len(batch)
+        keypoints = torch.as_tensor(normalized_to_pixels(torch.as_tensor(to_numpy(batch, "keypoints")), IMG_RES))
+        keypoints = keypoints.to(self.device)
+        has_smpl = self._has_smpl(batch)
+        init_kind = np.full(n, "mean", dtype=object)
+        if self.regressor is not None:
+            from trainer.train import predict
+            pred = predict(self.regressor, batch, device=self.device)
+            init = FitInit(*(torch.as_tensor(pred[k], dtype=torch.float32, device=self.device)
+                             for k in ("pose", "betas", "cam_t")))
+            init_kind[:] = "network"
+        else:
+            init = mean_init(self.model, keypoints, self.mean_pose.to(self.device), self.mean_betas.to(self.device))
+        result = fit(self.model, self.prior, keypoints, init, self.config)
+        pose, betas, cam_t = result.pose.cpu().numpy(), result.betas.cpu().numpy(), result.cam_t.cpu().numpy()
+        loss, joint_loss = result.loss.cpu().numpy(), result.joint_loss.cpu().numpy()
+        iterations = result.iterations.cpu().numpy()
+        reasons = list(result.reasons)
+        if has_smpl.any():
+            pose, betas, cam_t, loss, joint_loss = self._ground_truth(batch, keypoints, has_smpl, pose, betas, cam_t, loss, joint_loss)
+            init_kind[has_smpl] = "gt"
+            iterations = np.where(has_smpl, 0, iterations)
+            reasons = [None if h else r for h, r in zip(has_smpl, reasons)]
+        columns = {
+            "sample_id": batch.column("sample_id").to_pylist(), "pose": pose, "betas": betas, "cam_t": cam_t,
+            "loss": loss, "joint_loss": joint_loss,
+            "valid": np.where(has_smpl, loss < self.config.loss_threshold, result.valid.cpu().numpy()),
+            "betas_ok": np.all(np.abs(betas) <= self.config.betas_threshold, axis=1),
+            "found_in_round": np.full(n, self.spec.round_index, dtype=np.int32),
+            "init": init_kind.tolist(), "iterations": iterations.astype(np.int32),
+        }
+        columns["valid"] = np.asarray(columns["valid"]) & np.isfinite(loss)
+        shards = [os.path.basename(p) for p in batch.column("path").to_pylist()]
+        merged = self._merge_previous(columns, keypoints, shards)
+        table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
+        reasons = [r if r else None for r in reasons]
+        # a sample with no usable new fit keeps its old best fit when it has one
+        reasons = [None if (r is not None and merged["kept_old"][i]) else r for i, r in enumerate(reasons)]
+        return table.append_column("shard", pa.array(shards, pa.string())).append_column("reason", pa.array(reasons, pa.string()))
+
+    @staticmethod
+    def _has_smpl(batch: pa.Table) -> np.ndarray:
+        if "has_smpl" not in batch.column_names:
+            return np.zeros(len(batch), dtype=bool)
+        values = batch.column("has_smpl").to_pylist()
+        gt = np.array([bool(v) for v in values])
+        if gt.any() and "pose" in batch.column_names:
+            gt &= np.isfinite(to_numpy(batch, "pose")).all(axis=1) & np.isfinite(to_numpy(batch, "betas")).all(axis=1)
+        return gt
+
+    def _ground_truth(self, batch, keypoints, has_smpl, pose, betas, cam_t, loss, joint_loss):
+        """SPIN: a sample with ground-truth SMPL takes it as its fit; the camera comes from the keypoints."""
+        idx = np.flatnonzero(has_smpl)
+        gt_pose = torch.as_tensor(to_numpy(batch, "pose")[idx], device=self.device)
+        gt_betas = torch.as_tensor(to_numpy(batch, "betas")[idx], device=self.device)
+        with torch.no_grad():
+            kp3d = self.model(gt_pose, gt_betas).keypoints
+            gt_cam = estimate_translation(kp3d, keypoints[idx])
+            gt_loss, gt_joint = score(self.model, self.prior, gt_pose, gt_betas, gt_cam, keypoints[idx], self.config)
+        pose, betas, cam_t, loss, joint_loss = (a.copy() for a in (pose, betas, cam_t, loss, joint_loss))
+        pose[idx], betas[idx], cam_t[idx] = gt_pose.cpu().numpy(), gt_betas.cpu().numpy(), gt_cam.cpu().numpy()
+        loss[idx], joint_loss[idx] = gt_loss.cpu().numpy(), gt_joint.cpu().numpy()
+        return pose, betas, cam_t, loss, joint_loss
+
+    def _previous_fits(self, shard: str):
+        """The previous round's best fits of one shard, indexed by sample id (cached per actor)."""
+        if shard not in self._previous:
+            path = rundir.step_dir(Path(self.spec.run), self.spec.round_index - 1, "fits") / shard
+            if self.spec.round_index == 0 or not path.exists():
+                self._previous[shard] = ({}, {}, None)
+            else:
+                table = read_table(path, FITS_SCHEMA)
+                index = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+                arrays = {k: to_numpy(table, k) for k in FITS_SCHEMA.names}
+                self._previous[shard] = (index, arrays, table)
+        return self._previous[shard]
+
+    def _merge_previous(self, new: dict[str, Any], keypoints: torch.Tensor, shards: list[str]) -> dict[str, Any]:
+        n = len(shards)
+        old_rows = np.full(n, -1)
+        old_arrays: dict[str, np.ndarray] | None = None
+        for shard in dict.fromkeys(shards):
+            index, arrays, _ = self._previous_fits(shard)
+            if not index:
+                continue
+            old_arrays = arrays  # one shard per batch in practice; keep it general below
+            for i, (s, sid) in enumerate(zip(shards, new["sample_id"])):
+                if s == shard:
+                    old_rows[i] = index.get(sid, -1)
+        merged = {k: (np.array(v, dtype=object) if isinstance(v, list) else np.array(v)) for k, v in new.items()}
+        merged["kept_old"] = np.zeros(n, dtype=bool)
+        has_old = old_rows >= 0
+        if not has_old.any() or old_arrays is None:
+            return merged
+        rows = old_rows[has_old]
+        # re-score the stored fits under the current keypoints, so the comparison is fair
+        to_t = lambda k: torch.as_tensor(old_arrays[k][rows], device=self.device)  # noqa: E731
+        with torch.no_grad():
+            old_loss, old_joint = score(self.model, self.prior, to_t("pose"), to_t("betas"), to_t("cam_t"),
+                                        keypoints[torch.as_tensor(np.flatnonzero(has_old), device=self.device)], self.config)
+        old_loss, old_joint = old_loss.cpu().numpy(), old_joint.cpu().numpy()
+        take_old = ~keep_new(merged["loss"][has_old].astype(np.float64), old_loss.astype(np.float64))
+        target = np.flatnonzero(has_old)[take_old]
+        src = rows[take_old]
+        for key in ("pose", "betas", "cam_t", "found_in_round", "init", "iterations", "betas_ok"):
+            merged[key][target] = old_arrays[key][src]
+        merged["loss"][target] = old_loss[take_old]
+        merged["joint_loss"][target] = old_joint[take_old]
+        merged["valid"][target] = old_loss[take_old] < self.config.loss_threshold
+        merged["kept_old"][target] = True
+        return merged
+
+    def _quarantined(self, batch: pa.Table, reason: str) -> pa.Table:
+        """Rows for samples that could not be fitted: the previous best fit where there is one
+        (a best fit never gets lost), else a quarantine reason."""
+        n = len(batch)
+        zeros = lambda *s: np.zeros((n, *s), dtype=np.float32)  # noqa: E731
+        columns = {
+            "sample_id": batch.column("sample_id").to_pylist(), "pose": zeros(72), "betas": zeros(10),
+            "cam_t": zeros(3), "loss": np.full(n, np.inf, np.float32), "joint_loss": zeros(49),
+            "valid": np.zeros(n, bool), "betas_ok": np.zeros(n, bool),
+            "found_in_round": np.full(n, self.spec.round_index, np.int32), "init": ["mean"] * n,
+            "iterations": np.zeros(n, np.int32),
+        }
+        try:
+            keypoints = normalized_to_pixels(torch.as_tensor(to_numpy(batch, "keypoints")), IMG_RES)
+        except Exception:  # noqa: BLE001 - unreadable keypoints still let us carry the old fit
+            keypoints = torch.full((n, 49, 3), float("nan"))
+        shards = [os.path.basename(p) for p in batch.column("path").to_pylist()]
+        merged = self._merge_previous(columns, keypoints.to(self.device), shards)
+        table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
+        reasons = [None if kept else reason for kept in merged["kept_old"]]
+        return table.append_column("shard", pa.array(shards, pa.string())).append_column("reason", pa.array(reasons, pa.string()))

@@ -1,0 +1,119 @@
+"""One YAML configuration per run, written to RUN/config.yaml. Command-line flags override it.
+
+The sections mirror the rooms: `fit` (the Ray stage and SMPLify overrides), `train` (a trainer
+preset plus overrides), `tracking` (MLflow). Unknown keys are errors, so a typo never passes silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fitting.errors import BadInput
+
+
+@dataclass
+class FitStageConfig:
+    batch_size: int = 256          # samples per SMPLify batch inside an actor
+    num_actors: int = 0            # 0: one per core (or per GPU)
+    cpus_per_actor: float = 0.0    # 0: the machine's cores split over the actors
+    gpus_per_actor: float = -1.0   # -1: 1 when the cluster has GPUs, else 0
+    solver: str = ""               # "" keeps the SMPLify default; "adam" is SPIN's own solver
+    smplify: dict[str, Any] = field(default_factory=dict)  # SmplifyConfig overrides
+    max_batch_retries: int = 2     # Ray task retries before a batch is split to isolate bad samples
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "spin-pipeline"
+    tracking_uri: str = ""         # "" : $MLFLOW_TRACKING_URI, else sqlite under the run directory
+    overlay_samples: int = 6       # fixed samples whose fits are drawn round over round
+
+
+@dataclass
+class RunConfig:
+    data: str = ""                 # samples directory (with train/ and test/ splits)
+    rounds: int = 3
+    seed: int = 0
+    train_preset: str = "small"
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides on top of the preset
+    evaluate: bool = True          # evaluate every regressor and fits table on the test split
+    fit: FitStageConfig = field(default_factory=FitStageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return _build(cls, data, "config")
+
+
+def _build(kind: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise BadInput(f"{where}: expected a mapping, found {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise BadInput(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value or {}, f"{where}.{name}")
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise BadInput(f"{where}.{name}: expected a mapping")
+            values[name] = dict(value)
+        else:
+            values[name] = _coerce(value, default, f"{where}.{name}")
+    return kind(**values)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        return type(default)(value)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"{where}: cannot read {value!r} as {type(default).__name__}") from exc
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
+    return RunConfig.from_dict(data)
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Dotted keys ('fit.batch_size') with non-None values replace config values."""
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return RunConfig.from_dict(data)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,251 @@
+"""A fit round on Ray Data: read the sample shards, fit every sample with batched SMPLify in an
+actor pool, keep the better of the new fit and the previous round's best fit, and commit one
+best-fit parquet file per input shard as soon as that shard is complete.
+
+Round 0 starts SMPLify from the mean pose (static fits); round N >= 1 from regressor N-1's
+prediction. Samples with ground truth take it as their fit, as SPIN does.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fitting.errors import BadInput
+from pipeline import rundir
+from pipeline.config import RunConfig
+from trainer.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table, shard_paths, write_table
+
+OUTPUT_SCHEMA = FITS_SCHEMA.append(pa.field("shard", pa.string())).append(pa.field("reason", pa.string()))
+FIT_COLUMNS = ["sample_id", "keypoints", "has_smpl", "pose", "betas"]
+
+
+@dataclass
+class FitterSpec:
+    """Everything an actor needs to build its fitter; plain data so that Ray can ship it."""
+    round_index: int
+    run: str
+    smplify: dict[str, Any]
+    checkpoint: str = ""          # regressor N-1; empty for round 0
+    body_model: str = ""          # empty: the built-in model
+    prior: str = ""               # empty: the built-in prior
+    device: str = "cpu"
+    threads: int = 1
+
+
+class ShardFitter:
+    """Ray Data actor: holds the body model, the prior and (round >= 1) the regressor."""
+
+    def __init__(self, spec: FitterSpec):
+        import torch
+
+        from pipeline.best_fit import BatchFitter
+
+        torch.set_num_threads(max(1, spec.threads))
+        self.fitter = BatchFitter(spec)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.fitter.fit_table(batch)
+
+
+def plan_resources(config: RunConfig) -> dict[str, float]:
+    """Actor count, CPUs and GPUs per actor for this cluster (fractions on small machines)."""
+    from pipeline.ray_session import cluster_cpus, cluster_gpus
+
+    cpus, gpus = cluster_cpus(), cluster_gpus()
+    fit = config.fit
+    gpus_per_actor = fit.gpus_per_actor if fit.gpus_per_actor >= 0 else (1.0 if gpus >= 1 else 0.0)
+    if fit.num_actors > 0:
+        actors = fit.num_actors
+    elif gpus_per_actor > 0:
+        actors = max(1, int(gpus // gpus_per_actor))
+    else:
+        actors = max(1, int(cpus))
+    # Leave a quarter core for the parquet readers and the driver, or the pool can starve them.
+    cpus_per_actor = fit.cpus_per_actor or max(0.1, (cpus - 0.25) / actors)
+    return {"actors": actors, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": gpus_per_actor}
+
+
+def make_spec(run: Path, round_index: int, config: RunConfig, device: str, threads: int) -> FitterSpec:
+    smplify = dict(config.fit.smplify)
+    if config.fit.solver:
+        smplify["solver"] = config.fit.solver
+    checkpoint = ""
+    if round_index > 0:
+        checkpoint = str(rundir.step_dir(run, round_index - 1, "model") / "checkpoint.pt")
+    return FitterSpec(round_index=round_index, run=str(run), smplify=smplify, checkpoint=checkpoint,
+                      device=device, threads=threads)
+
+
+def check_inputs(run: Path, round_index: int, shards: list[Path]) -> None:
+    names = [p.name for p in shards]
+    if len(set(names)) != len(names):
+        raise BadInput("sample shards must have unique file names")
+    if round_index > 0:
+        for step in ("fits", "model"):
+            if not rundir.is_done(run, round_index - 1, step):
+                raise BadInput(f"round {round_index} needs round {round_index - 1}'s {step} step first")
+    for path in shards:
+        try:
+            pq.ParquetFile(path)
+        except Exception as exc:  # noqa: BLE001 - any parquet failure is a corrupt input
+            raise BadInput(f"{path}: corrupt parquet file ({' '.join(str(exc).split())[:160]})") from exc
+
+
+def fit_round(
+    run: Path, round_index: int, config: RunConfig, ray_address: str | None = None,
+    force: bool = False, progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) fit round `round_index`; a finished round is a no-op unless `force`."""
+    run = Path(run)
+    out_dir = rundir.step_dir(run, round_index, "fits")
+    if rundir.is_done(run, round_index, "fits") and not force:
+        return {**rundir.read_success(run, round_index, "fits"), "skipped": True}
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    if not config.data:
+        raise BadInput("no data directory: pass --data DIR or set `data` in the config")
+    shards = shard_paths(config.data, "train")
+    check_inputs(run, round_index, shards)
+    pending = [p for p in shards if not (out_dir / p.name).exists()]
+    start = time.perf_counter()
+    if pending:
+        _fit_shards(run, round_index, config, pending, out_dir, ray_address, progress)
+    summary = summarize(out_dir, [p.name for p in shards])
+    summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
+                   shards_fitted_now=len(pending), shards=len(shards))
+    rundir.mark_done(run, round_index, "fits", summary)
+    return summary
+
+
+def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progress) -> None:
+    import ray
+
+    from pipeline.ray_session import ensure_ray
+
+    ensure_ray(ray_address, progress)
+    plan = plan_resources(config)
+    device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
+    threads = max(1, int(round(plan["cpus_per_actor"])))
+    spec = make_spec(run, round_index, config, device, threads)
+    columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
+    present = set(pq.ParquetFile(pending[0]).schema_arrow.names)
+    columns = [c for c in columns if c in present]
+    expected = {p.name: pq.ParquetFile(p).metadata.num_rows for p in pending}
+    ds = ray.data.read_parquet([str(p) for p in pending], columns=columns, include_paths=True,
+                               num_cpus=0.1)
+    ds = ds.map_batches(
+        ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=config.fit.batch_size,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_cpus=plan["cpus_per_actor"], num_gpus=plan["gpus_per_actor"] or None,
+        max_restarts=config.fit.max_batch_retries, max_task_retries=config.fit.max_batch_retries,
+    )
+    buffers: dict[str, list[pa.Table]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for name, part in split_by_shard(block):
+            buffers[name].append(part)
+            counts[name] += len(part)
+            if counts[name] == expected[name]:
+                commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
+    missing = sorted(n for n in expected if not (out_dir / n).exists())
+    if missing:
+        raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+
+
+def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
+    names = np.asarray([os.path.basename(p) for p in block.column("shard").to_pylist()])
+    return [(name, block.filter(pa.array(names == name))) for name in dict.fromkeys(names.tolist())]
+
+
+def commit_shard(out_dir: Path, name: str, rows: pa.Table) -> None:
+    """Quarantine first, then the fits file: its existence is what marks the shard done."""
+    reasons = rows.column("reason").to_pylist()
+    bad = np.array([r is not None for r in reasons])
+    if bad.any():
+        quarantined = rows.filter(pa.array(bad))
+        table = pa.table({
+            "sample_id": quarantined.column("sample_id"),
+            "source": pa.array([name] * len(quarantined)),
+            "reason": quarantined.column("reason"),
+        }, schema=QUARANTINE_SCHEMA)
+        write_table(table, out_dir / "quarantine" / name)
+    fits = rows.filter(pa.array(~bad)).select(FITS_SCHEMA.names).cast(FITS_SCHEMA)
+    write_table(fits, out_dir / name)
+
+
+def read_fits(run: Path, round_index: int) -> pa.Table:
+    """The best-fit table of a finished round (all shards)."""
+    if not rundir.is_done(run, round_index, "fits"):
+        raise BadInput(f"round {round_index} has no finished fits in {run}")
+    out_dir = rundir.step_dir(run, round_index, "fits")
+    return concat([read_table(p, FITS_SCHEMA) for p in sorted(out_dir.glob("part-*.parquet"))], FITS_SCHEMA)
+
+
+def read_quarantine(out_dir: Path) -> pa.Table:
+    paths = sorted((out_dir / "quarantine").glob("*.parquet"))
+    return concat([read_table(p, QUARANTINE_SCHEMA) for p in paths], QUARANTINE_SCHEMA)
+
+
+def summarize(out_dir: Path, shard_names: list[str]) -> dict[str, Any]:
+    tables = [pq.read_table(out_dir / n, columns=["loss", "valid", "betas_ok", "found_in_round", "init"])
+              for n in shard_names if (out_dir / n).exists()]
+    table = pa.concat_tables(tables) if tables else None
+    quarantine = read_quarantine(out_dir)
+    summary: dict[str, Any] = {"rows": 0, "quarantined": len(quarantine)}
+    if table is None or len(table) == 0:
+        return summary
+    loss = table.column("loss").to_numpy()
+    valid = table.column("valid").to_numpy(zero_copy_only=False)
+    found = table.column("found_in_round").to_numpy()
+    init = np.asarray(table.column("init").to_pylist())
+    summary.update(
+        rows=len(table),
+        acceptance_rate=float(valid.mean()),
+        betas_ok_rate=float(table.column("betas_ok").to_numpy(zero_copy_only=False).mean()),
+        loss_quantiles={q: float(np.quantile(loss, float(q))) for q in ("0.1", "0.5", "0.9")},
+        loss_mean=float(loss.mean()),
+        found_in_round={str(int(r)): int((found == r).sum()) for r in np.unique(found)},
+        init={str(k): int((init == k).sum()) for k in np.unique(init)},
+        quarantine_reasons=dict(zip(*np.unique(quarantine.column("reason").to_pylist(), return_counts=True)))
+        if len(quarantine) else {},
+    )
+    summary["quarantine_reasons"] = {str(k): int(v) for k, v in summary["quarantine_reasons"].items()}
+    return summary
+
+
+@click.command("fit")
+@click.option("--round", "round_index", type=int, required=True, help="Round N: 0 fits from the mean pose, N>=1 from regressor N-1.")
+@click.option("--data", type=click.Path(file_okay=False), help="Samples directory (its train/ split is fitted).")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), required=True, help="Run directory (created if needed).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run YAML; default RUN/config.yaml when present.")
+@click.option("--ray-address", default=None, help="Ray cluster address ('auto' inside a cluster); default: a local Ray sized to this machine.")
+@click.option("--batch-size", type=int, help="Samples per SMPLify batch in an actor.")
+@click.option("--num-actors", type=int, help="Actor pool size (default: one per core or GPU).")
+@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver: lm (fast) or adam (SPIN's).")
+@click.option("--force", is_flag=True, help="Redo the round even if it finished.")
+def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_actors, solver, force):
+    """One SMPLify fit round over the sample shards, on Ray.
+
+    Writes RUN/round=N/fits/part-XXXXX.parquet (one per input shard, committed as each completes),
+    quarantines samples that cannot be fitted with a reason, then RUN/round=N/fits/_SUCCESS.json.
+    A killed round resumes where it stopped; a finished one is a no-op without --force.
+    """
+    from pipeline.rounds import resolve_config
+
+    run = Path(run_dir)
+    config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
+                                               "fit.num_actors": num_actors, "fit.solver": solver})
+    summary = fit_round(run, round_index, config, ray_address=ray_address, force=force)
+    state = "already done" if summary.get("skipped") else "done"
+    click.echo(f"fit round {round_index} {state}: {summary.get('rows', 0)} fits, "
+               f"acceptance {summary.get('acceptance_rate', 0):.3f}, quarantined {summary.get('quarantined', 0)}")

@@ -1,0 +1,203 @@
+"""The alternating driver: fit 0, train 0, (eval 0), fit 1, train 1, ... Each step is skipped when
+its _SUCCESS.json exists, so `run` resumes at the first unfinished step. Also the `train`, `run`
+and `eval` commands.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fitting.errors import BadInput
+from pipeline import rundir
+from pipeline.config import RunConfig, apply_overrides, load_config, save_config
+from pipeline.tracking import Tracker
+
+
+def resolve_config(run: Path, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml."""
+    run = Path(run)
+    saved = run / "config.yaml"
+    if config_path:
+        base = load_config(config_path)
+    elif saved.exists():
+        base = load_config(saved)
+    else:
+        base = RunConfig()
+    config = apply_overrides(base, overrides)
+    if config.data and not Path(config.data).is_dir():
+        raise BadInput(f"data directory not found: {config.data}")
+    save_config(config, saved)
+    return config
+
+
+def train_config_for(config: RunConfig):
+    from trainer.train import TRAIN_PRESETS, TrainConfig
+
+    if config.train_preset not in TRAIN_PRESETS:
+        raise BadInput(f"unknown train preset '{config.train_preset}'; choose from {sorted(TRAIN_PRESETS)}")
+    merged = {**TRAIN_PRESETS[config.train_preset], **config.train}
+    merged.setdefault("seed", config.seed)
+    return TrainConfig.from_dict(merged)
+
+
+def data_dir(config: RunConfig, split: str) -> Path:
+    if not config.data:
+        raise BadInput("no data directory: pass --data DIR or set `data` in the config")
+    path = Path(config.data) / split
+    return path if path.is_dir() else Path(config.data)
+
+
+def train_round(run: Path, round_index: int, config: RunConfig, tracker: Tracker | None = None,
+                force: bool = False) -> dict[str, Any]:
+    from pipeline.fit_stage import read_fits
+    from trainer.train import train_regressor
+
+    out_dir = rundir.step_dir(run, round_index, "model")
+    if rundir.is_done(run, round_index, "model") and not force:
+        return {**rundir.read_success(run, round_index, "model"), "skipped": True}
+    rundir.clear_success(run, round_index, "model")
+    fits = read_fits(run, round_index)
+    train_config = train_config_for(config)
+    init = None
+    if round_index > 0:
+        init = rundir.step_dir(run, round_index - 1, "model") / "checkpoint.pt"
+        if not rundir.is_done(run, round_index - 1, "model"):
+            raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
+    child = tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict()}) if tracker else None
+    log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if tracker else None
+    summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
+                              init_checkpoint=init, log_metrics=log)
+    summary = {**summary, "round": round_index}
+    rundir.mark_done(run, round_index, "model", summary)
+    if tracker:
+        tracker.log_dict(child, summary, "summary.json")
+        tracker.finish(child)
+    return summary
+
+
+def eval_round(run: Path, round_index: int, config: RunConfig, tracker: Tracker | None = None,
+               force: bool = False) -> dict[str, Any]:
+    """Regressor N and fits N against ground truth; writes metrics and overlay pictures."""
+    from pipeline.evaluation import evaluate_round
+
+    if rundir.is_done(run, round_index, "eval") and not force:
+        return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
+    out_dir = rundir.step_dir(run, round_index, "eval")
+    child = tracker.child(f"eval-round{round_index}", {"round": round_index}) if tracker else None
+    metrics = evaluate_round(run, round_index, config, out_dir)
+    rundir.mark_done(run, round_index, "eval", metrics)
+    if tracker:
+        tracker.log_metrics(child, metrics, step=round_index)
+        for png in sorted(out_dir.glob("*.png")):
+            tracker.log_artifact(child, png)
+        tracker.finish(child)
+        tracker.log_metrics(tracker.parent_id, headline(metrics), step=round_index)
+    return metrics
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The per-round numbers that `compare` and the demo table show."""
+    reg, fits = metrics.get("regressor", {}), metrics.get("fits", {})
+    out = {
+        "fit_acceptance": fits.get("acceptance_rate"), "fit_pa_mpjpe": fits.get("pa_mpjpe"),
+        "fit_mpjpe": fits.get("mpjpe"), "reg_mpjpe": reg.get("mpjpe"), "reg_pa_mpjpe": reg.get("pa_mpjpe"),
+        "rounds_done": metrics.get("round", 0) + 1,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def run_pipeline(run: Path, config: RunConfig, rounds: int, ray_address: str | None = None,
+                 force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
+    """Fit and train (and evaluate) round after round, skipping finished steps."""
+    from pipeline.fit_stage import fit_round
+
+    tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
+                                 params=config.to_dict())
+    results = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        fit_summary = rundir.read_success(run, r, "fits") if rundir.is_done(run, r, "fits") and not force else None
+        if fit_summary is None:
+            child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__})
+            fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress)
+            tracker.log_metrics(child, fit_summary, step=r)
+            tracker.log_dict(child, fit_summary, "fits_success.json")
+            tracker.finish(child)
+        train_summary = train_round(run, r, config, tracker, force=force)
+        row = {"round": r, "fit": fit_summary, "train": train_summary}
+        if config.evaluate:
+            row["eval"] = eval_round(run, r, config, tracker, force=force)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        results.append(row)
+    tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
+    return results
+
+
+_common = [
+    click.option("--data", type=click.Path(file_okay=False), help="Samples directory (train/ and test/ splits)."),
+    click.option("--run", "run_dir", type=click.Path(file_okay=False), required=True, help="Run directory."),
+    click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run YAML (default RUN/config.yaml when present)."),
+]
+
+
+def common_options(func):
+    for option in reversed(_common):
+        func = option(func)
+    return func
+
+
+@click.command("train")
+@click.option("--round", "round_index", type=int, required=True, help="Train regressor N on round N's best fits.")
+@common_options
+@click.option("--preset", help="Trainer preset (tiny, small, paper).")
+@click.option("--steps", type=int, help="Training steps (overrides the preset).")
+@click.option("--device", help="cpu, cuda or auto.")
+@click.option("--force", is_flag=True, help="Retrain even if regressor N exists.")
+def train(round_index, data, run_dir, config_path, preset, steps, device, force):
+    """Train regressor N on RUN/round=N/fits, warm-starting from regressor N-1.
+
+    Writes RUN/round=N/model/checkpoint.pt and _SUCCESS.json; resumes from its last checkpoint.
+    """
+    run = Path(run_dir)
+    config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
+                                               "train.device": device})
+    tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
+    summary = train_round(run, round_index, config, tracker, force=force)
+    click.echo(f"train round {round_index} {'already done' if summary.get('skipped') else 'done'}: "
+               f"{rundir.step_dir(run, round_index, 'model') / 'checkpoint.pt'}")
+
+
+@click.command("run")
+@click.option("--rounds", type=int, help="Number of fit/train rounds (default: the config's, 3).")
+@common_options
+@click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
+@click.option("--preset", help="Trainer preset (tiny, small, paper).")
+@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
+@click.option("--force", is_flag=True, help="Redo every step, even finished ones.")
+def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
+    """The alternating driver: fit 0, train 0, eval 0, fit 1, ... Resumes at the first step without
+    _SUCCESS.json; logs a parent MLflow run with a child per step."""
+    path = Path(run_dir)
+    config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
+                                                "fit.solver": solver})
+    results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
+    from pipeline.report import round_table
+    click.echo(round_table(results))
+
+
+@click.command("eval")
+@click.option("--round", "round_index", type=int, required=True, help="Evaluate regressor N and fits N.")
+@common_options
+@click.option("--force", is_flag=True, help="Re-evaluate even if done.")
+def evaluate(round_index, data, run_dir, config_path, force):
+    """MPJPE, PA-MPJPE, PCK/AUC (before/after alignment) and segmentation of regressor N on the test
+    split, and the 3D error of round N's fits against the held-out truth. Writes
+    RUN/round=N/eval/_SUCCESS.json and overlay PNGs."""
+    run = Path(run_dir)
+    config = resolve_config(run, config_path, {"data": data})
+    metrics = eval_round(run, round_index, config, None, force=force)
+    from pipeline.report import format_metrics
+    click.echo(format_metrics(metrics))

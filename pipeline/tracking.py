@@ -1,0 +1,167 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per step, metrics by round.
+
+Uses MlflowClient with explicit run ids (no global active-run stack), so a resumed pipeline
+appends to the same parent run. SQLite under the run directory by default; MLFLOW_TRACKING_URI
+(or the config) points at a team server.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+from fitting.errors import BadInput
+
+PARENT_ID_FILE = "mlflow_run_id.txt"
+
+
+def resolve_tracking_uri(run: Path | None, configured: str = "") -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if run is None:
+        return "sqlite:///mlflow.db"
+    Path(run).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(run).resolve() / 'mlflow.db'}"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)[:500]
+
+
+def _numeric(values: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            for k, v in _numeric(value).items():
+                out[f"{key}.{k}"] = v
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+class Tracker:
+    """The pipeline's MLflow parent run and its children."""
+
+    def __init__(self, run: Path, experiment: str, tracking_uri: str = "", run_name: str | None = None,
+                 params: dict[str, Any] | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.run_dir = Path(run)
+        self.uri = resolve_tracking_uri(self.run_dir, tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        id_file = self.run_dir / PARENT_ID_FILE
+        self.parent_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not self.parent_id or not self._exists(self.parent_id):
+            created = self.client.create_run(self.experiment_id, run_name=run_name or self.run_dir.name,
+                                             tags={"spin.run_dir": str(self.run_dir.resolve())})
+            self.parent_id = created.info.run_id
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(self.parent_id)
+            if params:
+                self.log_params(self.parent_id, params)
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 - a stale id from another tracking store
+            return False
+
+    def child(self, name: str, params: dict[str, Any] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.parent_id, "spin.step": name})
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        flat: dict[str, str] = {}
+        _flatten("", params, flat)
+        for key, value in flat.items():
+            self.client.log_param(run_id, key, value)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in _numeric(metrics).items()]
+        for start in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[start:start + 500])
+
+    def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        if Path(path).exists():
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def log_dict(self, run_id: str, payload: dict[str, Any], name: str) -> None:
+        self.client.log_text(run_id, json.dumps(payload, indent=2, sort_keys=True, default=str), name)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+
+def compare_runs(tracking_uri: str, experiment: str, run_names: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Parent runs of `experiment` with their latest per-round metrics."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    frame = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+    if frame.empty:
+        return []
+    parent_col = "tags.mlflow.parentRunId"
+    if parent_col in frame:
+        frame = frame[frame[parent_col].isna()]
+    names = set(run_names)
+    rows = []
+    for _, row in frame.sort_values("start_time").iterrows():
+        name = row.get("tags.mlflow.runName", row["run_id"])
+        if names and name not in names:
+            continue
+        get = lambda key: row.get(f"metrics.{key}")  # noqa: E731
+        rows.append({
+            "run": name, "rounds": get("rounds_done"), "acceptance": get("fit_acceptance"),
+            "fit_pa_mpjpe": get("fit_pa_mpjpe"), "reg_mpjpe": get("reg_mpjpe"), "reg_pa_mpjpe": get("reg_pa_mpjpe"),
+        })
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no runs)"
+    keys = list(rows[0])
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    table = [keys] + [[cell(r[k]) for k in keys] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in table)
+
+
+@click.command("compare")
+@click.option("--experiment", default="spin-pipeline", show_default=True, help="MLflow experiment to read.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A run directory: read its own SQLite store.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else RUN/mlflow.db, else ./mlflow.db).")
+@click.option("--name", "names", multiple=True, help="Only these run names (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def compare(experiment, run_dir, tracking_uri, names, as_json):
+    """MLflow runs side by side: rounds, fit acceptance, fit PA-MPJPE, regressor MPJPE/PA-MPJPE."""
+    if run_dir and not Path(run_dir).is_dir():
+        raise BadInput(f"run directory not found: {run_dir}")
+    if run_dir and not tracking_uri and not (Path(run_dir) / "mlflow.db").exists():
+        raise BadInput(f"{run_dir} has no mlflow.db")
+    uri = tracking_uri or resolve_tracking_uri(Path(run_dir) if run_dir else None)
+    rows = compare_runs(uri, experiment, names)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_rows(rows))
