@@ -36,6 +36,8 @@ class TrackingConfig:
 @dataclass
 class RunConfig:
     data: str = ""                 # samples directory (with train/ and test/ splits)
+    body_model: str = ""           # SMPL-layout .npz; "" is the built-in model
+    prior: str = ""                # GMM pose prior .npz (gmm_08 layout); "" is the built-in prior
     rounds: int = 3
     seed: int = 0
     train_preset: str = "small"

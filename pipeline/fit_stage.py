@@ -83,7 +83,7 @@ def make_spec(run: Path, round_index: int, config: RunConfig, device: str, threa
     if round_index > 0:
         checkpoint = str(rundir.step_dir(run, round_index - 1, "model") / "checkpoint.pt")
     return FitterSpec(round_index=round_index, run=str(run), smplify=smplify, checkpoint=checkpoint,
-                      device=device, threads=threads)
+                      body_model=config.body_model, prior=config.prior, device=device, threads=threads)
 
 
 def check_inputs(run: Path, round_index: int, shards: list[Path]) -> None:
