@@ -23,7 +23,7 @@ import roma
 import torch
 
 from fitting.errors import BadInput
-from fitting.geometry import pose_to_rotmat, rotmat_to_sixd
+from fitting.geometry import pose_to_rotmat, rotmat_to_pose, rotmat_to_sixd, sixd_to_rotmat
 
 MEAN_PARAM_SHAPES = {"pose": (144,), "shape": (10,), "cam": (3,)}
 UPRIGHT_ORIENT = (math.pi, 0.0, 0.0)  # axis-angle of the global orientation
@@ -51,6 +51,12 @@ def mean_params_from_poses(body_poses: np.ndarray, cam: tuple[float, float, floa
         "shape": np.zeros(10, dtype=np.float32),
         "cam": np.asarray(cam, dtype=np.float32),
     }
+
+
+def mean_pose_axis_angle(params: dict[str, np.ndarray]) -> np.ndarray:
+    """(72,) axis-angle pose of the mean parameters (SMPLify's starting pose)."""
+    sixd = torch.as_tensor(np.asarray(params["pose"]), dtype=torch.float64).reshape(1, 24, 6)
+    return rotmat_to_pose(sixd_to_rotmat(sixd))[0].numpy().astype(np.float32)
 
 
 def build_mean_params(num_poses: int = 20000, seed: int = 0) -> dict[str, np.ndarray]:
