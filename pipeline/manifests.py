@@ -16,6 +16,7 @@ import dataclasses
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -53,7 +54,7 @@ class Volume:
         return cls(parts[0], parts[1], len(parts) == 3 and parts[2] == "ro")
 
     def __str__(self) -> str:
-        return f"{self.claim}:{self.mount}" + (":ro" if self.read_only else "")
+        return f"{self.claim}:{self.mount}{':ro' if self.read_only else ''}"
 
 
 @dataclass
@@ -74,7 +75,6 @@ class JobSpec:
     worker_memory: str = "32Gi"
     head_cpus: str = "2"
     head_memory: str = "8Gi"
-    entrypoint_gpus: float | None = None  # None: 1 for train and run on GPU workers, else 0
     volumes: list[Volume] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     env_secrets: list[str] = field(default_factory=list)
@@ -122,16 +122,11 @@ class JobSpec:
                 raise BadInput(f"--rounds applies to run; {self.kind} takes --round N")
         if not self.image or any(c.isspace() for c in self.image):
             raise BadInput(f"--image {self.image!r}: expected an image reference like registry/spin-pipeline:tag")
-        if self.workers < 1:
-            raise BadInput(f"--workers {self.workers}: at least 1")
-        if self.gpus_per_worker < 0:
-            raise BadInput(f"--gpus-per-worker {self.gpus_per_worker}: must be >= 0")
-        if self.entrypoint_gpus is not None and not 0 <= self.entrypoint_gpus <= self.gpus_per_worker:
-            raise BadInput(f"--entrypoint-gpus {self.entrypoint_gpus}: between 0 and --gpus-per-worker")
-        if self.ttl_seconds < 0 or self.retries < 0:
-            raise BadInput("--ttl and --retries must be >= 0")
-        if self.deadline_seconds is not None and self.deadline_seconds <= 0:
-            raise BadInput(f"--deadline {self.deadline_seconds}: must be > 0 seconds")
+        for option, value, low in (("--workers", self.workers, 1), ("--gpus-per-worker", self.gpus_per_worker, 0),
+                                   ("--ttl", self.ttl_seconds, 0), ("--retries", self.retries, 0),
+                                   ("--deadline", self.deadline_seconds or 1, 1)):
+            if value < low:
+                raise BadInput(f"{option} {value}: must be >= {low}")
         for option, value in (("--worker-cpus", self.worker_cpus), ("--head-cpus", self.head_cpus)):
             _check_quantity(option, value, memory=False)
         for option, value in (("--worker-memory", self.worker_memory), ("--head-memory", self.head_memory)):
@@ -150,9 +145,8 @@ class JobSpec:
             if not _ENV_NAME.match(key) or key in _RESERVED_ENV:
                 raise BadInput(f"--env {key}: expected NAME=VALUE with a shell-safe NAME other than "
                                f"{', '.join(_RESERVED_ENV)} (those come from --data, --run, --mlflow-uri)")
-        for name in self.env_secrets:
-            _check_name("--env-secret", name)
-        for option, value in (("--service-account", self.service_account), ("--namespace", self.namespace)):
+        for option, value in [("--env-secret", n) for n in self.env_secrets] + [
+                ("--service-account", self.service_account), ("--namespace", self.namespace)]:
             if value is not None:
                 _check_name(option, value)
         if self.name is not None and (len(self.name) > MAX_NAME_LENGTH or not _DNS_LABEL.match(self.name)):
@@ -195,13 +189,6 @@ def _check_tracking_uri(uri: str, volumes: list[Volume]) -> None:
     elif uri.startswith("file:") or not _URI.match(uri):
         raise BadInput(f"--mlflow-uri {uri}: a local store is private to one pod; use a tracking server "
                        f"(http://...) or a database URI")
-
-
-def entrypoint_gpus(spec: JobSpec) -> float:
-    """GPUs the entrypoint reserves for itself; nonzero moves the driver off the head."""
-    if spec.entrypoint_gpus is not None:
-        return spec.entrypoint_gpus
-    return 1.0 if spec.kind in ("train", "run") and spec.gpus_per_worker > 0 else 0.0
 
 
 def entrypoint_argv(spec: JobSpec) -> list[str]:
@@ -281,10 +268,7 @@ def rayjob_manifest(spec: JobSpec) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": job_name(spec), "labels": _labels(spec)}
     if spec.namespace:
         metadata["namespace"] = spec.namespace
-    head = _container(spec, "ray-head", spec.head_cpus, spec.head_memory, 0)
-    head["ports"] = [{"containerPort": 6379, "name": "gcs-server"},
-                     {"containerPort": 8265, "name": "dashboard"},
-                     {"containerPort": 10001, "name": "client"}]
+    head = _container(spec, "ray-head", spec.head_cpus, spec.head_memory, 0)  # KubeRay adds the ports
     worker = _container(spec, "ray-worker", spec.worker_cpus, spec.worker_memory, spec.gpus_per_worker)
     job: dict[str, Any] = {
         "entrypoint": shlex.join(entrypoint_argv(spec)),
@@ -294,24 +278,18 @@ def rayjob_manifest(spec: JobSpec) -> dict[str, Any]:
         # a retry starts a fresh cluster; finished shards and steps are skipped on the rerun
         "backoffLimit": spec.retries,
     }
-    gpus = entrypoint_gpus(spec)
-    if gpus:
-        job["entrypointNumGpus"] = int(gpus) if float(gpus).is_integer() else gpus
-    elif spec.kind in ("train", "run"):
-        job["entrypointNumCpus"] = 1  # CPU-only workers: still keep the driver off the head
+    if spec.kind in ("train", "run"):
+        # the driver trains: a reserved GPU (or CPU) places it on a worker, off the head
+        job["entrypointNumGpus" if spec.gpus_per_worker else "entrypointNumCpus"] = 1
     if spec.deadline_seconds is not None:
         job["activeDeadlineSeconds"] = spec.deadline_seconds
     job["rayClusterSpec"] = {
         "rayVersion": RAY_VERSION,
-        "headGroupSpec": {
-            "rayStartParams": {"num-cpus": "0", "num-gpus": "0"},
-            "template": _pod(spec, head, gpu_node=False),
-        },
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "num-gpus": "0"},
+                          "template": _pod(spec, head, gpu_node=False)},
         "workerGroupSpecs": [{
             "groupName": "gpu" if spec.gpus_per_worker else "cpu",
-            "replicas": spec.workers,
-            "minReplicas": spec.workers,
-            "maxReplicas": spec.workers,
+            "replicas": spec.workers, "minReplicas": spec.workers, "maxReplicas": spec.workers,
             "rayStartParams": {},
             "template": _pod(spec, worker, gpu_node=spec.gpus_per_worker > 0),
         }],
@@ -319,34 +297,29 @@ def rayjob_manifest(spec: JobSpec) -> dict[str, Any]:
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata, "spec": job}
 
 
-# JobSpec field -> render option; lists repeat their option. The order is the rendered order.
-_OPTIONS = {
-    "kind": "--kind", "round": "--round", "rounds": "--rounds", "image": "--image", "data": "--data",
-    "run": "--run", "mlflow_uri": "--mlflow-uri", "config": "--config", "workers": "--workers",
-    "gpus_per_worker": "--gpus-per-worker", "worker_cpus": "--worker-cpus",
-    "worker_memory": "--worker-memory", "head_cpus": "--head-cpus", "head_memory": "--head-memory",
-    "entrypoint_gpus": "--entrypoint-gpus", "volumes": "--volume", "env": "--env",
-    "env_secrets": "--env-secret", "service_account": "--service-account", "namespace": "--namespace",
-    "name": "--name", "ttl_seconds": "--ttl", "retries": "--retries", "deadline_seconds": "--deadline",
-}
+def _option(field_name: str) -> str:
+    """The render option of a JobSpec field."""
+    renamed = {"ttl_seconds": "--ttl", "deadline_seconds": "--deadline", "volumes": "--volume",
+               "env_secrets": "--env-secret"}
+    return renamed.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def render_args(spec: JobSpec) -> list[str]:
     """The shortest `manifests render` arguments that reproduce `spec` (without --out)."""
-    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(JobSpec)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     args: list[str] = []
-    for name, option in _OPTIONS.items():
-        value = getattr(spec, name)
-        if name in defaults and value == defaults[name]:
+    # kind and round first, for a readable header; the rest in field order
+    fields = sorted(dataclasses.fields(JobSpec), key=lambda f: f.name not in ("kind", "round", "rounds"))
+    for f in fields:
+        value = getattr(spec, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name == "extra_args" or value == default:
             continue
-        if name == "env":
-            args += [a for k, v in value.items() for a in (option, f"{k}={v}")]
+        if f.name == "env":
+            args += [a for k, v in value.items() for a in ("--env", f"{k}={v}")]
         elif isinstance(value, list):
-            args += [a for v in value for a in (option, str(v))]
+            args += [a for v in value for a in (_option(f.name), str(v))]
         elif value is not None:
-            args += [option, format(value, "g") if isinstance(value, float) else str(value)]
+            args += [_option(f.name), str(value)]
     return args + (["--", *spec.extra_args] if spec.extra_args else [])
 
 
@@ -407,7 +380,6 @@ def manifests() -> None:
 @click.option("--worker-memory", default="32Gi", show_default=True, help="Memory per worker pod.")
 @click.option("--head-cpus", default="2", show_default=True, help="CPU of the head pod.")
 @click.option("--head-memory", default="8Gi", show_default=True, help="Memory of the head pod.")
-@click.option("--entrypoint-gpus", type=float, help="GPUs reserved for the driver [default: 1 for train and run, 0 for fit].")
 @click.option("--volume", "volumes", multiple=True, help="CLAIM:/mount[:ro], a PersistentVolumeClaim in every pod; repeatable.")
 @click.option("--env", "env", multiple=True, help="NAME=VALUE in every container; repeatable.")
 @click.option("--env-secret", "env_secrets", multiple=True, help="A Secret whose keys become env (e.g. AWS credentials); repeatable.")
@@ -434,6 +406,5 @@ def render(out: str, round_: int | None, run_: str, volumes: tuple[str, ...], en
     if out == "-":
         click.echo(text, nl=False)
         return
-    with open(out, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    Path(out).write_text(text, encoding="utf-8")
     click.echo(f"wrote {out}: RayJob {job_name(spec)}", err=True)

@@ -184,6 +184,13 @@ def test_rendered_manifest_validates_and_its_entrypoint_parses(kind, where, gpus
     assert again.output == text
 
 
+def test_spec_round_trips_through_dict_and_rejects_unknown_keys():
+    spec = spec_of("run", PVC, env={"A": "1"}, env_secrets=["s"], extra_args=["--solver", "adam"])
+    assert m.JobSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(m.BadInput, match="unknown key"):
+        m.JobSpec.from_dict({**spec.to_dict(), "gpus": 2})
+
+
 def test_round_is_the_only_difference_between_rounds():
     one, two = (m.rayjob_manifest(spec_of("fit", S3, round=r)) for r in (1, 7))
     assert one["metadata"]["name"] == "spin-exp1-fit-r1" and two["metadata"]["name"] == "spin-exp1-fit-r7"
