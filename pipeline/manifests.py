@@ -395,8 +395,10 @@ def render(out: str, round_: int | None, run_: str, volumes: tuple[str, ...], en
            env_secrets: tuple[str, ...], extra_args: tuple[str, ...], **options: Any) -> None:
     """Render one RayJob manifest. Arguments after `--` are appended to the job's command, e.g.
 
-    spin-pipeline manifests render --kind fit --round 1 --image IMG --data s3://b/samples
-    --run s3://b/runs/exp1 --mlflow-uri http://mlflow:5000 --workers 4 -- --solver adam
+    \b
+    spin-pipeline manifests render --kind fit --round 1 --image IMG \\
+      --data s3://b/samples --run s3://b/runs/exp1 --mlflow-uri http://mlflow:5000 \\
+      --workers 4 -- --solver adam
     """
     spec = JobSpec.from_dict({**options, "round": round_, "run": run_, "volumes": list(volumes),
                               "env": _pairs(env), "env_secrets": list(env_secrets),
