@@ -59,9 +59,9 @@ class ShardFitter:
 
 def plan_resources(config: RunConfig) -> dict[str, float]:
     """Actor count, CPUs and GPUs per actor for this cluster (fractions on small machines)."""
-    from pipeline.ray_session import cluster_cpus, cluster_gpus
+    from pipeline.ray_session import available_cpus, available_gpus
 
-    cpus, gpus = cluster_cpus(), cluster_gpus()
+    cpus, gpus = available_cpus(), available_gpus()
     fit = config.fit
     gpus_per_actor = fit.gpus_per_actor if fit.gpus_per_actor >= 0 else (1.0 if gpus >= 1 else 0.0)
     if fit.num_actors > 0:

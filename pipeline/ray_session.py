@@ -25,11 +25,12 @@ def ensure_ray(address: str | None = None, progress: bool = True) -> None:
     ctx.print_on_execution_start = False
 
 
-def cluster_cpus() -> float:
+def available_cpus() -> float:
+    """CPUs free now (a driver that trains in-process, as `run` does, holds some)."""
     import ray
-    return float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    return float(ray.available_resources().get("CPU", os.cpu_count() or 1))
 
 
-def cluster_gpus() -> float:
+def available_gpus() -> float:
     import ray
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    return float(ray.available_resources().get("GPU", 0.0))

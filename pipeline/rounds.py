@@ -164,6 +164,8 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
     run = Path(run_dir)
     config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
                                                "train.device": device})
+    if not rundir.is_done(run, round_index, "fits"):
+        raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
     tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
     summary = train_round(run, round_index, config, tracker, force=force)
     click.echo(f"train round {round_index} {'already done' if summary.get('skipped') else 'done'}: "

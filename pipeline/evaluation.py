@@ -1,0 +1,103 @@
+"""Evaluation of one round: regressor N on the test split, fits N against the held-out truth of the
+train split, and the pictures that go with them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fitting.body_model import load_body_model
+from fitting.camera import FOCAL_LENGTH, IMG_RES
+from pipeline import rundir
+from pipeline.config import RunConfig
+from pipeline.report import metrics_by_round, plot_metrics_by_round
+from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+
+
+def read_split(data: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
+    paths = shard_paths(data, split)
+    tables = [read_table(p, SAMPLES_SCHEMA) for p in paths]
+    table = concat(tables, SAMPLES_SCHEMA)
+    return table.select(columns) if columns else table
+
+
+def evaluate_round(run: Path, round_index: int, config: RunConfig, out_dir: Path) -> dict[str, Any]:
+    from pipeline.fit_stage import read_fits
+    from trainer.evaluate import evaluate_fits, evaluate_regressor, write_overlays
+    from trainer.train import load_regressor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = load_body_model(config.body_model or None)
+    regressor = load_regressor(rundir.step_dir(run, round_index, "model") / "checkpoint.pt")
+    metrics: dict[str, Any] = {"round": round_index}
+    test_dir = Path(config.data) / "test"
+    if test_dir.is_dir():
+        metrics["regressor"] = evaluate_regressor(regressor, [test_dir], body)
+        write_overlays(regressor, [test_dir], body, out_dir / "regressor_overlays.png")
+    fits = read_fits(run, round_index)
+    truth_dir = Path(config.data) / "truth"
+    if truth_dir.is_dir():
+        truth = read_split(config.data, "truth")
+        metrics["fits"] = evaluate_fits(fits, truth, body)
+    else:
+        valid = to_numpy(fits, "valid")
+        metrics["fits"] = {"acceptance_rate": float(np.mean(valid)) if len(valid) else 0.0}
+    fit_overlay_grid(run, round_index, config, body, out_dir / "fit_overlays.png")
+    rows = metrics_by_round(run) + [metrics]
+    plot_metrics_by_round(sorted({r["round"]: r for r in rows}.values(), key=lambda r: r["round"]),
+                          out_dir / "metrics_by_round.png")
+    return metrics
+
+
+def overlay_ids(config: RunConfig) -> list[str]:
+    """A fixed set of train samples, the same every round: the first rows of the first shard."""
+    first = shard_paths(config.data, "train")[0]
+    ids = read_table(first).column("sample_id").to_pylist()
+    return ids[: config.tracking.overlay_samples]
+
+
+def fit_overlay_grid(run: Path, round_index: int, config: RunConfig, body, out_png: Path) -> Path | None:
+    """Rows: the fixed samples; columns: the image, then their best fit after each round 0..N."""
+    import cv2
+    import torch
+
+    from fitting.render import draw_keypoints, overlay_mesh
+    from pipeline.fit_stage import read_fits
+    from trainer.samples import decode_image
+
+    ids = overlay_ids(config)
+    if not ids:
+        return None
+    first = read_table(shard_paths(config.data, "train")[0], SAMPLES_SCHEMA)
+    rows = first.filter(pc.is_in(first.column("sample_id"), pa.array(ids)))
+    images = [decode_image(b) for b in rows.column("image").to_pylist()]
+    keypoints = to_numpy(rows, "keypoints")
+    tiles = []
+    for image, kp in zip(images, keypoints):
+        size = image.shape[0]
+        px = np.concatenate([(kp[:, :2] + 1.0) * size / 2.0, kp[:, 2:]], axis=1)
+        tiles.append([draw_keypoints(image, px)])
+    for r in range(round_index + 1):
+        if not rundir.is_done(run, r, "fits") and r != round_index:
+            continue
+        fits = read_fits(run, r)
+        index = {sid: i for i, sid in enumerate(fits.column("sample_id").to_pylist())}
+        pose, betas, cam_t = (to_numpy(fits, k) for k in ("pose", "betas", "cam_t"))
+        for row, (sid, image) in enumerate(zip(rows.column("sample_id").to_pylist(), images)):
+            if sid not in index:
+                tiles[row].append(np.zeros_like(image))
+                continue
+            i = index[sid]
+            with torch.no_grad():
+                verts = body(torch.as_tensor(pose[i:i + 1]), torch.as_tensor(betas[i:i + 1])).vertices[0].numpy()
+            size = image.shape[0]
+            focal = FOCAL_LENGTH * size / IMG_RES  # the fit's camera, rescaled to the stored crop
+            tile = overlay_mesh(image, verts + cam_t[i], body.faces, focal, np.array([size / 2, size / 2]))
+            tiles[row].append(tile)
+    grid = np.concatenate([np.concatenate(t, axis=1) for t in tiles], axis=0)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_png), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    return out_png

@@ -1,0 +1,55 @@
+"""Every command teaches its use with --help, and bad input ends in one line and exit code 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+
+from pipeline.cli import COMMANDS, cli, main
+
+
+def all_command_paths() -> list[list[str]]:
+    paths = []
+    ctx = click.Context(cli)
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        paths.append([name])
+        if isinstance(command, click.Group):
+            paths.extend([name, sub] for sub in command.list_commands(ctx))
+    return paths
+
+
+@pytest.mark.parametrize("path", all_command_paths(), ids=" ".join)
+def test_every_command_has_help(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Usage:" in out and len(out.splitlines()) > 3
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--round", "0", "--data", "/nonexistent/data", "--run", "{tmp}/run"], "data directory not found"),
+    (["train", "--round", "0", "--run", "{tmp}/run2"], "no finished fits"),
+    (["body-model", "info", "{tmp}/missing.npz"], "not found"),
+    (["compare", "--run", "{tmp}/nothing"], "run directory not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
