@@ -1,0 +1,214 @@
+"""The training set: samples shards joined with a best-fit table on sample_id, augmented as SPIN
+does, served by a torch DataLoader.
+
+Targets per sample:
+    pose/betas  the ground truth where the sample has SMPL (`has_smpl`), else its fit
+    pose_valid  supervise pose and mesh: ground truth, or a valid fit whose betas are sane
+    betas_valid supervise betas: as above, plus every fit with extreme betas (`betas_ok` false),
+                whose betas target is then the mean shape (zero) - the design's shape guard
+Images travel as uint8 (3, H, W); `trainer.model.normalize_images` runs on the device.
+
+Augmentation is a pure function of (seed, key): the sampler hands out keys = epoch * N + row,
+so a run is reproducible whatever the number of workers and resumes exactly mid-epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fitting.errors import BadInput
+from trainer.augment import AugmentConfig, AugParams, augment_image, augment_joints3d, augment_keypoints, augment_pose, sample_params
+from trainer.samples import decode_image, read_image_file, validate_samples
+from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+
+
+def read_samples(samples_dirs: Sequence[str | Path], split: str | None = "train") -> pa.Table:
+    """All shards of the given directories (DIR/<split>/ when it exists, else DIR/) as one table."""
+    if not samples_dirs:
+        raise BadInput("no samples directories given")
+    paths = [p for d in samples_dirs for p in shard_paths(d, split=split)]
+    return concat([read_table(p, SAMPLES_SCHEMA) for p in paths], SAMPLES_SCHEMA)
+
+
+def load_image(data: bytes | None, uri: str | None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from encoded bytes or, when there are none, from a path or URI."""
+    if data is not None:
+        return decode_image(data)
+    if not uri:
+        raise BadInput("no image")
+    if "://" not in uri:
+        return read_image_file(uri)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        with fs.open_input_stream(path) as stream:
+            return decode_image(stream.read())
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise BadInput(f"cannot read image {uri}: {' '.join(str(exc).split())[:160]}") from exc
+
+
+def _finite_rows(values: np.ndarray) -> np.ndarray:
+    return np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+
+
+def _fit_targets(samples: pa.Table, fits: pa.Table | None) -> dict[str, np.ndarray]:
+    """Pose/betas targets and their masks, per samples row."""
+    n = len(samples)
+    pose = np.zeros((n, 72), np.float32)
+    betas = np.zeros((n, 10), np.float32)
+    pose_valid = np.zeros(n, bool)
+    betas_valid = np.zeros(n, bool)
+    has_fit = np.zeros(n, bool)
+    if fits is not None and len(fits):
+        fit_ids = fits.column("sample_id").to_pylist()
+        if len(set(fit_ids)) != len(fit_ids):
+            raise BadInput("fits table has duplicate sample_ids")
+        where = {sid: i for i, sid in enumerate(fit_ids)}
+        rows = np.array([where.get(sid, -1) for sid in samples.column("sample_id").to_pylist()])
+        hit = rows >= 0
+        f_pose, f_betas = to_numpy(fits, "pose"), to_numpy(fits, "betas")
+        valid = to_numpy(fits, "valid").astype(bool)
+        betas_ok = to_numpy(fits, "betas_ok").astype(bool)
+        sel = rows[hit]
+        ok = _finite_rows(f_pose[sel]) & _finite_rows(f_betas[sel])
+        idx = np.flatnonzero(hit)[ok]
+        sel = sel[ok]
+        has_fit[idx] = True
+        pose[idx] = f_pose[sel]
+        betas[idx] = np.where(betas_ok[sel, None], f_betas[sel], 0.0)
+        pose_valid[idx] = valid[sel] & betas_ok[sel]
+        betas_valid[idx] = valid[sel] | ~betas_ok[sel]
+    has_smpl = samples.column("has_smpl").to_numpy(zero_copy_only=False)
+    has_smpl = np.asarray([bool(v) if v is not None else False for v in has_smpl], bool)
+    if has_smpl.any():
+        gt_pose, gt_betas = to_numpy(samples, "pose"), to_numpy(samples, "betas")
+        gt = has_smpl & _finite_rows(gt_pose) & _finite_rows(gt_betas)
+        pose[gt], betas[gt] = gt_pose[gt], gt_betas[gt]
+        pose_valid[gt] = betas_valid[gt] = has_fit[gt] = True
+    return {"pose": pose, "betas": betas, "pose_valid": pose_valid, "betas_valid": betas_valid, "has_fit": has_fit}
+
+
+class SamplesDataset(Dataset):
+    """Items for training (augment given) or prediction/evaluation (augment None).
+
+    __getitem__(key) serves row key % len(self); see the module docstring for the keys.
+    """
+
+    def __init__(
+        self,
+        samples: pa.Table,
+        fits: pa.Table | None = None,
+        img_res: int = 224,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        drop_invalid: bool = True,
+    ):
+        self.quarantine = None
+        if drop_invalid:
+            samples, self.quarantine = validate_samples(samples, check_images=False)
+        if len(samples) == 0:
+            raise BadInput("no usable samples")
+        self.sample_ids = samples.column("sample_id").to_pylist()
+        self.images = samples.column("image").combine_chunks()
+        self.uris = samples.column("image_uri").to_pylist()
+        self.keypoints = to_numpy(samples, "keypoints")
+        joints3d = to_numpy(samples, "joints3d")
+        self.has_joints3d = _finite_rows(joints3d) & (np.nan_to_num(joints3d[:, :, 3]) > 0).any(axis=1)
+        self.joints3d = np.where(self.has_joints3d[:, None, None], np.nan_to_num(joints3d), 0.0).astype(np.float32)
+        self.targets = _fit_targets(samples, fits)
+        self.img_res = int(img_res)
+        self.augment = augment
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def params_for(self, key: int) -> AugParams:
+        if self.augment is None:
+            return AugParams()
+        rng = np.random.default_rng([self.seed, int(key)])
+        return sample_params(rng, self.augment)
+
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        row = int(key) % len(self)
+        params = self.params_for(key)
+        usable = True
+        try:
+            image = load_image(self.images[row].as_py(), self.uris[row])
+        except BadInput:
+            # a sample that cannot be read trains nothing: it rides along with zero weight
+            image, usable = np.zeros((self.img_res, self.img_res, 3), np.uint8), False
+        image = augment_image(image, params, self.img_res)
+        keypoints = augment_keypoints(self.keypoints[row], params)
+        pose = self.targets["pose"][row]
+        if self.targets["has_fit"][row]:
+            pose = augment_pose(pose, params)
+        joints3d = augment_joints3d(self.joints3d[row], params) if self.has_joints3d[row] else self.joints3d[row]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "keypoints": torch.from_numpy(keypoints.astype(np.float32)),
+            "pose": torch.from_numpy(pose.astype(np.float32)),
+            "betas": torch.from_numpy(self.targets["betas"][row]),
+            "pose_valid": torch.tensor(bool(self.targets["pose_valid"][row])),
+            "betas_valid": torch.tensor(bool(self.targets["betas_valid"][row])),
+            "joints3d": torch.from_numpy(joints3d.astype(np.float32)),
+            "has_joints3d": torch.tensor(bool(self.has_joints3d[row])),
+            "usable": torch.tensor(usable),
+            "row": torch.tensor(row),
+        }
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for steps start..stop-1 of an endless stream of epochs, each a fresh permutation
+    of the rows (seeded by epoch). Batch `s` is the same whenever it is drawn, which is what
+    makes a resumed run identical to an uninterrupted one."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, start: int, stop: int):
+        self.n, self.batch_size, self.seed = int(num_rows), int(batch_size), int(seed)
+        self.start, self.stop = int(start), int(stop)
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 7919, epoch]).permutation(self.n)
+
+    def epoch_of(self, step: int) -> int:
+        return (step * self.batch_size) // self.n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        cache: dict[int, np.ndarray] = {}
+        for step in range(self.start, self.stop):
+            batch = []
+            for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+                epoch, index = divmod(position, self.n)
+                if epoch not in cache:
+                    cache.clear()
+                    cache[epoch] = self._permutation(epoch)
+                batch.append(epoch * self.n + int(cache[epoch][index]))
+            yield batch
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+    cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: SamplesDataset, batch_sampler: Sampler | None = None, batch_size: int = 64,
+                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over `dataset`: with a batch sampler for training, in order otherwise."""
+    # a private generator: the loader must not draw from the global RNG that dropout uses
+    # (a resumed run restores that RNG and must see the same stream)
+    common = {"num_workers": int(num_workers), "pin_memory": pin_memory, "generator": torch.Generator().manual_seed(0),
+              "worker_init_fn": _worker_init if num_workers > 0 else None,
+              "prefetch_factor": 4 if num_workers > 0 else None,
+              "persistent_workers": False}
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=int(batch_size), shuffle=False, **common)

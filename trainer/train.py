@@ -1,0 +1,329 @@
+"""Training the regressor on a best-fit table (SPIN's supervision) or on 2D keypoints alone.
+
+`train_regressor` writes OUT/checkpoint.pt (atomically, at the end) and OUT/last.pt every
+`checkpoint_every` steps; a rerun with the same configuration resumes from last.pt and ends with
+the same weights as an uninterrupted run (batches and augmentation depend only on the seed and
+the step; the torch RNG state travels in last.pt). Checkpoints hold only tensors and plain
+values, so they load with torch.load(weights_only=True); the regressor's configuration is inside.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from fitting.errors import BadInput
+from trainer.augment import AugmentConfig
+from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
+from trainer.losses import MODES, LossWeights, compute_losses
+from trainer.mean_params import load_mean_params
+from trainer.model import BACKBONES, Regressor, axis_angle_pose, cam_translation, normalize_images
+from trainer.tables import SAMPLES_SCHEMA, conform
+
+CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
+# settings that may change between a run and its resumption
+_RESUMABLE = frozenset({"steps", "num_workers", "device", "log_every", "checkpoint_every", "threads"})
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "small"
+    backbone_weights: str = "auto"   # 'auto' (torchvision's cache, never downloads), 'none', or a path
+    img_res: int = 128
+    batch_size: int = 64
+    lr: float = 5e-5
+    steps: int = 1000
+    num_workers: int = 2
+    mode: str = "fits"               # 'fits' (SPIN) or '2d' (keypoints and priors only)
+    weights: LossWeights = field(default_factory=LossWeights)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    use_augmentation: bool = True
+    mean_params: str | None = None   # a smpl_mean_params.npz; None = built-in
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    log_every: int = 10
+    threads: int = 0                 # torch intra-op threads; 0 = torch's default
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise BadInput(f"unknown training settings {sorted(unknown)} (known: {sorted(known)})")
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            if name == "weights":
+                kwargs[name] = value if isinstance(value, LossWeights) else LossWeights.from_dict(dict(value or {}))
+            elif name == "augment":
+                kwargs[name] = value if isinstance(value, AugmentConfig) else AugmentConfig.from_dict(dict(value or {}))
+            else:
+                kwargs[name] = _coerce(name, value, cls.__dataclass_fields__[name].default)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise BadInput(f"unknown backbone '{self.backbone}' (choose from {', '.join(BACKBONES)})")
+        if self.mode not in MODES:
+            raise BadInput(f"unknown training mode '{self.mode}' (choose from {', '.join(MODES)})")
+        for name in ("img_res", "batch_size", "steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"training setting '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.img_res < 32:
+            raise BadInput(f"img_res must be >= 32, got {self.img_res}")
+        if self.num_workers < 0 or self.threads < 0:
+            raise BadInput("num_workers and threads must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BadInput(f"lr must be a positive number, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Config values from YAML or the command line, typed like the defaults."""
+    if value is None or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        return type(default)(value)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(f"training setting '{name}': cannot read {value!r} as {type(default).__name__}") from exc
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # tests and CI: seconds
+    "tiny": {"backbone": "small", "img_res": 64, "batch_size": 8, "lr": 3e-4, "steps": 12,
+             "num_workers": 0, "checkpoint_every": 6, "log_every": 2, "backbone_weights": "none"},
+    # the demo and the ablation on a 2-core CPU: minutes
+    "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 600,
+              "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none"},
+    # the paper: ResNet-50 (ImageNet weights where cached), 224 px, batch 64, Adam 5e-5
+    "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
+              "num_workers": 8, "checkpoint_every": 1000, "log_every": 50, "backbone_weights": "auto"},
+}
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise BadInput(f"unknown device '{name}'") from exc
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary file and a rename: never a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=resolve_device(device), weights_only=True)
+    except Exception as exc:  # unpickling and zip errors come in many types
+        raise BadInput(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[:160]})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise BadInput(f"{path}: not a spin-pipeline regressor checkpoint")
+    return payload
+
+
+def _zero_mean_params() -> dict[str, np.ndarray]:
+    # placeholders: the real values are buffers in the state dict
+    return {"pose": np.zeros(144, np.float32), "shape": np.zeros(10, np.float32), "cam": np.zeros(3, np.float32)}
+
+
+def regressor_from_payload(payload: dict[str, Any], source: str = "checkpoint") -> Regressor:
+    regressor = Regressor(**payload["regressor"], mean_params=_zero_mean_params(), backbone_weights="none")
+    try:
+        regressor.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise BadInput(f"{source}: weights do not match the regressor ({' '.join(str(exc).split())[:160]})") from exc
+    return regressor
+
+
+def load_regressor(path: str | Path, device: str | torch.device = "cpu") -> Regressor:
+    """A trained regressor, in eval mode on `device` (torch.load with weights_only=True)."""
+    device = resolve_device(device)
+    return regressor_from_payload(read_checkpoint(path, device), str(path)).to(device).eval()
+
+
+def _payload(regressor: Regressor, config: TrainConfig, step: int, **extra: Any) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "regressor": dict(regressor.config), "train_config": config.to_dict(),
+            "model": regressor.state_dict(), "step": int(step), **extra}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _RESUMABLE}
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _build_regressor(config: TrainConfig, init_checkpoint: Path | None) -> Regressor:
+    if init_checkpoint is None:
+        return Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
+                         backbone_weights=config.backbone_weights)
+    payload = read_checkpoint(init_checkpoint)
+    if payload["regressor"].get("backbone") != config.backbone:
+        raise BadInput(f"{init_checkpoint}: a {payload['regressor'].get('backbone')} regressor cannot warm-start "
+                       f"a {config.backbone} one")
+    regressor = regressor_from_payload(payload, str(init_checkpoint))
+    regressor.img_res = regressor.config["img_res"] = config.img_res  # the network is resolution-independent
+    return regressor
+
+
+def train_regressor(
+    config: TrainConfig | dict[str, Any],
+    samples_dirs: list[Path],
+    fits: pa.Table | None,
+    out_dir: Path,
+    init_checkpoint: Path | None = None,
+    body_model: torch.nn.Module | None = None,
+    prior: torch.nn.Module | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, Any]:
+    """Train for `config.steps` steps; see the module docstring. Returns a summary: steps,
+    seconds, images_per_s, final_losses (batch values of the last logging window), samples."""
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if config.mode == "fits" and fits is None:
+        raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
+    out_dir = Path(out_dir)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+
+    samples = read_samples(samples_dirs)
+    dataset = SamplesDataset(samples, fits if config.mode == "fits" else None, config.img_res,
+                             augment=config.augment if config.use_augmentation else None, seed=config.seed)
+    if body_model is None:
+        from fitting.body_model import load_body_model
+        body_model = load_body_model()
+    body_model = body_model.to(device)
+    if config.mode == "2d" and prior is None:
+        from fitting.priors import load_prior
+        prior = load_prior()
+    prior = prior.to(device) if prior is not None else None
+
+    regressor = _build_regressor(config, Path(init_checkpoint) if init_checkpoint else None).to(device)
+    optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
+    start, resumed = 0, None
+    last = out_dir / "last.pt"
+    if last.is_file():
+        state = read_checkpoint(last, device)
+        if _comparable(state["train_config"]) != _comparable(config.to_dict()):
+            raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
+        regressor.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"].cpu())
+        start = resumed = int(state["step"])
+
+    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
+    loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    regressor.train()
+    window: dict[str, list[float]] = {}
+    epoch_sums: dict[str, float] = {}
+    epoch_batches = 0
+    images, started = 0, time.perf_counter()
+    step = start
+    with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step") as bar:
+        for batch in loader:
+            batch = _to_device(batch, device)
+            out = regressor(normalize_images(batch["image"]))
+            result = compute_losses(out, batch, body_model, config.weights, config.mode, prior)
+            if not torch.isfinite(result.total):
+                raise FloatingPointError(f"training diverged at step {step} (loss {float(result.total)})")
+            optimizer.zero_grad(set_to_none=True)
+            result.total.backward()
+            optimizer.step()
+            step += 1
+            images += len(batch["image"])
+            values = {"loss": float(result.total.detach()), **result.batch_values()}
+            for name, value in values.items():
+                window.setdefault(name, []).append(value)
+                epoch_sums[name] = epoch_sums.get(name, 0.0) + value
+            epoch_batches += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4g}")
+            if log_metrics and (step % config.log_every == 0 or step == config.steps):
+                rate = images / max(time.perf_counter() - started, 1e-9)
+                log_metrics({**{f"train/{k}": float(np.mean(v)) for k, v in window.items()},
+                             "train/images_per_s": rate}, step)
+            if step % config.log_every == 0 and step != config.steps:
+                window = {}
+            if sampler.epoch_of(step) != sampler.epoch_of(step - 1) or step == config.steps:
+                if log_metrics:
+                    log_metrics({**{f"epoch/{k}": v / epoch_batches for k, v in epoch_sums.items()},
+                                 "epoch": float(sampler.epoch_of(step - 1))}, step)
+                epoch_sums, epoch_batches = {}, 0
+            if step % config.checkpoint_every == 0 and step != config.steps:
+                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(),
+                                         rng=torch.get_rng_state()), last)
+    seconds = time.perf_counter() - started
+    summary = {
+        "steps": step, "trained_steps": step - start, "resumed_from": resumed,
+        "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "final_losses": {k: float(np.mean(v)) for k, v in window.items()},
+        "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
+        "fitted_samples": int(dataset.targets["pose_valid"].sum()),
+        "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
+        "warm_start": str(init_checkpoint) if init_checkpoint else None, "device": str(device), "mode": config.mode,
+    }
+    save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary), out_dir / "checkpoint.pt")
+    if last.exists():
+        last.unlink()
+    return summary
+
+
+@torch.inference_mode()
+def predict(regressor: Regressor, table: pa.Table, batch_size: int = 64, device: str | torch.device = "cpu",
+            num_workers: int = 0) -> dict[str, np.ndarray]:
+    """The regressor on every row of a samples table, in order, without augmentation.
+
+    Returns pose (N, 72) axis-angle, betas (N, 10), cam_t (N, 3) (SPIN's 5000 px / 224 px camera,
+    the SMPLify initialization), cam (N, 3) weak perspective, and ok (N,): False where the image
+    could not be read (those rows are predicted from a black image)."""
+    device = resolve_device(device)
+    regressor = regressor.to(device).eval()
+    if len(table) == 0:
+        return {"pose": np.zeros((0, 72), np.float32), "betas": np.zeros((0, 10), np.float32),
+                "cam_t": np.zeros((0, 3), np.float32), "cam": np.zeros((0, 3), np.float32), "ok": np.zeros(0, bool)}
+    dataset = SamplesDataset(conform(table, SAMPLES_SCHEMA), None, regressor.img_res, augment=None, drop_invalid=False)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    parts: dict[str, list[np.ndarray]] = {"pose": [], "betas": [], "cam_t": [], "cam": [], "ok": []}
+    for batch in loader:
+        out = regressor(normalize_images(batch["image"].to(device)))
+        parts["pose"].append(axis_angle_pose(out.rotmat).cpu().numpy())
+        parts["betas"].append(out.betas.cpu().numpy())
+        parts["cam_t"].append(cam_translation(out.cam).cpu().numpy())
+        parts["cam"].append(out.cam.cpu().numpy())
+        parts["ok"].append(batch["usable"].numpy())
+    return {k: np.concatenate(v).astype(np.float32 if k != "ok" else bool) for k, v in parts.items()}
