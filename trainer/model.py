@@ -96,7 +96,10 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     if not isinstance(state, dict):
         raise BadInput(f"{path}: expected a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise BadInput(f"{path}: does not match the backbone ({' '.join(str(exc).split())[:160]})") from exc
     if missing or unexpected:
         raise BadInput(f"{path}: does not match the backbone (missing {len(missing)}, unexpected {len(unexpected)} keys)")
 

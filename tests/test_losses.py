@@ -1,0 +1,132 @@
+"""SPIN's losses: per-sample, per-term values, masks, weights, and the shape guard."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fitting.errors import BadInput
+from fitting.geometry import pose_to_rotmat, rotmat_to_sixd
+from fitting.keypoints import GT24, OP25
+from fitting.priors import GMMPrior
+from tests.test_train import make_body, make_samples
+from trainer.dataset import SamplesDataset
+from trainer.losses import (
+    LossWeights, camera_loss, compute_losses, keypoint_3d_loss, keypoint_loss, masked_mean, project_keypoints,
+)
+from trainer.model import RegressorOutput
+from trainer.tables import FITS_SCHEMA, make_table, to_numpy
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def body():
+    return make_body(num_vertices=800)
+
+
+def _truth(body, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    pose = torch.as_tensor(rng.normal(scale=0.2, size=(n, 72)), dtype=torch.float32)
+    pose[:, 0] += np.pi
+    betas = torch.as_tensor(rng.normal(size=(n, 10)), dtype=torch.float32)
+    cam = torch.tensor([[0.3, 0.05, -0.02]]).repeat(n, 1)
+    with torch.no_grad():
+        out = body(pose, betas)
+    keypoints = torch.cat([project_keypoints(out.keypoints, cam), torch.ones(n, 49, 1)], dim=-1)
+    joints3d = torch.cat([out.keypoints[:, list(GT24)] + 0.3, torch.ones(n, 24, 1)], dim=-1)  # any offset
+    batch = {"keypoints": keypoints, "pose": pose, "betas": betas, "joints3d": joints3d,
+             "pose_valid": torch.ones(n, dtype=torch.bool), "betas_valid": torch.ones(n, dtype=torch.bool),
+             "has_joints3d": torch.ones(n, dtype=torch.bool), "usable": torch.ones(n, dtype=torch.bool)}
+    rotmat = pose_to_rotmat(pose)
+    pred = RegressorOutput(rotmat=rotmat, betas=betas.clone(), cam=cam, sixd=rotmat_to_sixd(rotmat).reshape(n, -1))
+    return pred, batch
+
+
+def test_perfect_prediction_has_zero_loss_but_the_camera_term(body):
+    pred, batch = _truth(body)
+    result = compute_losses(pred, batch, body, LossWeights(vertices=1.0))
+    for name in ("keypoints", "keypoints_3d", "pose", "betas", "vertices"):
+        assert result.terms[name].shape == (3,)
+        assert float(result.terms[name].abs().max()) < 1e-6, name
+    assert torch.allclose(result.terms["cam"], torch.exp(torch.tensor(-3.0)) ** 2)
+    assert result.keypoint_per_joint.shape == (3, 49)
+    assert float(result.total) == pytest.approx(60 * float(torch.exp(torch.tensor(-3.0)) ** 2), rel=1e-4)
+
+
+def test_terms_are_per_sample_and_total_follows_the_weights(body):
+    pred, batch = _truth(body)
+    pred.betas[1] += 0.5
+    pred.rotmat[1, 5] = pose_to_rotmat(torch.tensor([[0.0, 0.8, 0.0]]))[0, 0] @ pred.rotmat[1, 5]
+    result = compute_losses(pred, batch, body, LossWeights())
+    for name in ("keypoints", "pose", "betas"):
+        assert float(result.terms[name][0]) < 1e-9 and float(result.terms[name][1]) > 1e-6, name
+    assert float(result.terms["betas"][1]) == pytest.approx(0.25, rel=1e-5)
+    w = LossWeights()
+    expected = w.scale * sum(getattr(w, n) * masked_mean(result.terms[n], result.masks[n]) for n in result.terms)
+    assert float(result.total) == pytest.approx(float(expected), rel=1e-5)
+    heavier = compute_losses(pred, batch, body, LossWeights(pose=10.0))
+    assert float(heavier.total) > float(result.total)
+
+
+def test_masks_switch_targets_off(body):
+    pred, batch = _truth(body)
+    batch["pose"] = batch["pose"] + 0.5  # wrong targets ...
+    batch["betas"] = batch["betas"] + 1.0
+    batch["pose_valid"][:] = False      # ... that no sample uses
+    batch["betas_valid"][:] = False
+    batch["has_joints3d"][:] = False
+    batch["joints3d"][:] = 99.0
+    result = compute_losses(pred, batch, body, LossWeights())
+    assert float(result.total) == pytest.approx(60 * float(camera_loss(pred.cam).mean()), rel=1e-4)
+    batch["usable"][0] = False
+    pred.betas[0] += 5
+    assert float(compute_losses(pred, batch, body, LossWeights()).total) == pytest.approx(float(result.total), rel=1e-4)
+
+
+def test_keypoint_confidence_and_openpose_block_weight():
+    target = torch.zeros(1, 49, 3)
+    target[..., 2] = 1.0
+    target[0, 3, 2] = 0.0  # unseen
+    pred = torch.ones(1, 49, 2)
+    per_joint = keypoint_loss(pred, target, openpose_weight=0.0)
+    assert float(per_joint[0, list(OP25)].abs().sum()) == 0.0 and torch.all(per_joint[0, list(GT24)] == 1.0)
+    per_joint = keypoint_loss(pred, target, openpose_weight=0.5)
+    assert float(per_joint[0, 3]) == 0.0 and float(per_joint[0, 0]) == 0.5
+
+
+def test_3d_keypoints_are_compared_after_centring_on_the_hips():
+    gt = torch.cat([torch.randn(2, 24, 3), torch.ones(2, 24, 1)], dim=-1)
+    pred = gt[..., :3] + torch.tensor([1.0, -2.0, 3.0])
+    assert torch.allclose(keypoint_3d_loss(pred, gt), torch.zeros(2), atol=1e-10)
+    gt[0, 7, 3] = 0.0
+    pred[0, 7] += 10.0
+    assert float(keypoint_3d_loss(pred, gt)[0]) < 1e-10
+
+
+def test_two_d_mode_adds_priors(body):
+    pred, batch = _truth(body)
+    with pytest.raises(BadInput, match="needs a pose prior"):
+        compute_losses(pred, batch, body, LossWeights(), mode="2d")
+    prior = GMMPrior.from_arrays(np.zeros((8, 69)), np.tile(np.eye(69), (8, 1, 1)), np.full(8, 1 / 8))
+    result = compute_losses(pred, batch, body, LossWeights(), mode="2d", prior=prior)
+    assert {"pose_prior", "angle_prior", "shape_prior"} <= set(result.terms)
+    assert torch.allclose(result.terms["shape_prior"], (pred.betas ** 2).sum(-1))
+    with pytest.raises(BadInput, match="unknown training mode"):
+        compute_losses(pred, batch, body, LossWeights(), mode="3d")
+
+
+def test_shape_guard_and_fit_targets(body):
+    samples, fits = make_samples(body, 4, size=32)
+    betas = to_numpy(fits, "betas").copy()
+    betas[1] = 4.0
+    cols = {name: (to_numpy(fits, name) if name in ("pose", "cam_t", "joint_loss") else fits.column(name).to_pylist())
+            for name in FITS_SCHEMA.names}
+    cols.update(betas=betas, betas_ok=[True, False, True, True], valid=[True, True, False, True])
+    cols["sample_id"] = cols["sample_id"][:3] + ["unknown"]
+    dataset = SamplesDataset(samples, make_table(cols, FITS_SCHEMA), img_res=32)
+    items = [dataset[i] for i in range(4)]
+    assert [bool(i["pose_valid"]) for i in items] == [True, False, False, False]
+    assert [bool(i["betas_valid"]) for i in items] == [True, True, False, False]
+    assert torch.all(items[1]["betas"] == 0) and torch.allclose(items[0]["betas"], torch.as_tensor(betas[0]))
+    assert items[0]["image"].dtype == torch.uint8 and items[0]["image"].shape == (3, 32, 32)
