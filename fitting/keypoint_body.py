@@ -1,0 +1,89 @@
+"""The 49 keypoints of a body model without posing its whole mesh.
+
+Every keypoint depends on the 24 joints and on a few vertices only: the vertex joints and the
+support of the extra joint regressor. Linear blend skinning is per vertex, so skinning just
+those vertices gives exactly the keypoints of `BodyModel.forward` at a fraction of the cost
+(a fit evaluates the keypoints hundreds of times and never looks at the mesh).
+"""
+from __future__ import annotations
+
+import torch
+from smplx.lbs import batch_rigid_transform, batch_rodrigues
+from torch import nn
+
+from fitting.body_model import NUM_JOINTS, BodyModel
+from fitting.keypoints import NUM_SOURCE_JOINTS
+
+
+class KeypointBody(nn.Module):
+    """forward(pose (B, 72) axis-angle or (B, 24, 3, 3), betas (B, 10)) -> (B, 49, 3) keypoints,
+    the same as BodyModel.forward(...).keypoints."""
+
+    def __init__(self, model: BodyModel):
+        super().__init__()
+        smpl = model.smpl
+        num_vertices = smpl.v_template.shape[0]
+        vertex_ids = smpl.vertex_joint_selector.extra_joints_idxs.to(torch.long)
+        extra = model.J_regressor_extra
+        used = torch.zeros(num_vertices, dtype=torch.bool, device=extra.device)
+        used[vertex_ids] = True
+        used |= (extra != 0).any(dim=0)
+        support = torch.nonzero(used).flatten()
+        position = torch.full((num_vertices,), -1, dtype=torch.long, device=extra.device)
+        position[support] = torch.arange(support.numel(), device=extra.device)
+
+        shapedirs = smpl.shapedirs  # (V, 3, 10)
+        # The joints are linear in the shaped vertices: regress template and shape space once.
+        self.register_buffer("joint_template", smpl.J_regressor @ smpl.v_template)
+        self.register_buffer("joint_shapedirs", torch.einsum("jv,vcl->jcl", smpl.J_regressor, shapedirs))
+        self.register_buffer("v_template", smpl.v_template[support])
+        self.register_buffer("shapedirs", shapedirs[support])
+        posedirs = smpl.posedirs.reshape(smpl.posedirs.shape[0], num_vertices, 3)[:, support]
+        self.register_buffer("posedirs", posedirs.reshape(posedirs.shape[0], -1))
+        self.register_buffer("lbs_weights", smpl.lbs_weights[support])
+        self.register_buffer("parents", smpl.parents.clone())
+        self.register_buffer("vertex_rows", position[vertex_ids])
+        self.register_buffer("extra", extra[:, support])
+        self.register_buffer("keypoint_source", model.keypoint_source.clone())
+        self.num_support = int(support.numel())
+
+    def forward(self, pose: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+        batch = pose.shape[0]
+        if pose.ndim == 2:
+            rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(batch, NUM_JOINTS, 3, 3)
+        else:
+            rot = pose.reshape(batch, NUM_JOINTS, 3, 3)
+        joints = self.joint_template + torch.einsum("bl,jcl->bjc", betas, self.joint_shapedirs)
+        shaped = self.v_template + torch.einsum("bl,scl->bsc", betas, self.shapedirs)
+        eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
+        pose_feature = (rot[:, 1:] - eye).reshape(batch, -1)
+        posed = shaped + (pose_feature @ self.posedirs).reshape(batch, -1, 3)
+        posed_joints, transforms = batch_rigid_transform(rot, joints, self.parents, dtype=rot.dtype)
+        skin = torch.einsum("sj,bjmn->bsmn", self.lbs_weights, transforms)
+        vertices = torch.einsum("bsmn,bsn->bsm", skin[..., :3, :3], posed) + skin[..., :3, 3]
+        source = torch.cat([
+            posed_joints,
+            vertices[:, self.vertex_rows],
+            torch.einsum("ks,bsc->bkc", self.extra, vertices),
+        ], dim=1)
+        return source[:, self.keypoint_source]
+
+
+def rigid_keypoints(body: KeypointBody, body_pose: torch.Tensor, betas: torch.Tensor):
+    """Keypoints as a function of the global orientation alone, for fixed (B, 69) body pose and
+    (B, 10) betas. The posed body is rigid about its root joint J0, so
+    keypoints(R) = R (k0 - s J0) + s J0, with k0 the keypoints at R = I and s the weight sum
+    of each keypoint's regressor (1 for joints and vertices). Costs one forward, not one per call."""
+    with torch.no_grad():
+        zero = torch.zeros_like(body_pose[:, :3])
+        k0 = body(torch.cat([zero, body_pose], dim=1), betas)
+        root = body.joint_template[0] + torch.einsum("bl,cl->bc", betas, body.joint_shapedirs[0])
+        kinematic = torch.ones(NUM_SOURCE_JOINTS - body.extra.shape[0], dtype=k0.dtype, device=k0.device)
+        sums = torch.cat([kinematic, body.extra.sum(dim=1)])
+        anchor = sums[body.keypoint_source][None, :, None] * root[:, None, :]
+        local = k0 - anchor
+
+    def keypoints(global_orient: torch.Tensor) -> torch.Tensor:
+        rot = batch_rodrigues(global_orient)
+        return torch.einsum("bij,bkj->bki", rot, local) + anchor
+    return keypoints
