@@ -197,6 +197,9 @@ def sample_anatomical(n: int, rng: np.random.Generator, variety: float = 1.0) ->
         "left_arm": np.where(arms_second ^ (rng.random(n) < 0.15), second, first),
         "right_arm": np.where(arms_second ^ (rng.random(n) < 0.15), second, first),
     }
+    # Amplitude scales the departure from relaxed standing (not from the T-pose), so a
+    # weakened archetype drops its arms rather than holding them out.
+    relaxed = archetype_angles("stand")
     angles = np.zeros((n, len(BODY_JOINTS), 3))
     for group, joints in _GROUPS.items():
         idx = [BODY_JOINTS.index(j) for j in joints]
@@ -204,7 +207,7 @@ def sample_anatomical(n: int, rng: np.random.Generator, variety: float = 1.0) ->
         blend = variety * rng.uniform(0.0, 0.5, size=(n, 1, 1))
         amplitude = rng.uniform(1.0 - 0.6 * variety, 1.0 + 0.15 * variety, size=(n, 1, 1))
         mixed = (1.0 - blend) * table[source[group]][:, idx] + blend * table[other][:, idx]
-        angles[:, idx] = amplitude * mixed
+        angles[:, idx] = relaxed[idx] + amplitude * (mixed - relaxed[idx])
     jitter = np.array([_JITTER[_side_free(j)] for j in BODY_JOINTS])[None, :, None]
     angles = angles + variety * jitter * rng.standard_normal(angles.shape)
     limits = joint_limits()
