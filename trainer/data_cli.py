@@ -136,7 +136,7 @@ def contact_sheet(directory: str, split: str | None = "train", num: int = 16, co
         tiles.append(np.concatenate(group, axis=1))
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
-    columns = columns or max(1, int(round(np.sqrt(len(tiles) * TILE / width))))
+    columns = columns or max(1, int(np.ceil(np.sqrt(len(tiles) * TILE / width) - 1e-9)))
     while len(tiles) % columns:
         tiles.append(np.zeros_like(tiles[0]))
     rows = [np.concatenate(tiles[r:r + columns], axis=1) for r in range(0, len(tiles), columns)]

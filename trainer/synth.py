@@ -66,6 +66,7 @@ class SynthConfig:
     truncation_prob: float = 0.1    # share of crops that cut the legs off
     back_view_prob: float = 0.15
     focal_ratio: tuple[float, float] = (2.5, 12.0)   # focal / crop side: perspective strength
+    supersample: int = SUPERSAMPLE  # render at this multiple of img_size, then average down
     body_model: str | None = None   # None: the built-in model
 
     @classmethod
@@ -86,6 +87,8 @@ class SynthConfig:
         cfg = cls(**values)
         if cfg.num_train < 0 or cfg.num_test < 0 or cfg.shard_size < 1 or cfg.img_size < 32:
             raise BadInput("synth: counts must be >= 0, shard size >= 1 and image size >= 32")
+        if cfg.supersample < 1:
+            raise BadInput("synth: supersample must be >= 1")
         return cfg
 
     def to_dict(self) -> dict:
@@ -275,7 +278,8 @@ def render_body(ctx: SynthContext, vertices: np.ndarray, focal: float, center: n
 
 
 def render_sample(ctx: SynthContext, scene: Scene, vertices: np.ndarray, keypoints: np.ndarray,
-                  rng: np.random.Generator, size: int, occluder_prob: float) -> dict:
+                  rng: np.random.Generator, size: int, occluder_prob: float,
+                  supersample: int = SUPERSAMPLE) -> dict:
     """Render one posed body (vertices (V, 3), keypoints (49, 3), no translation) into a crop.
 
     Returns the crop image, masks, keypoints (49, 3) normalized with confidence, the clean
@@ -283,7 +287,8 @@ def render_sample(ctx: SynthContext, scene: Scene, vertices: np.ndarray, keypoin
     cam_t, center, scale, focal, pp = place_and_crop(vertices, ctx.dominant, scene, size)
     verts, kp_cam = vertices + cam_t, keypoints + cam_t
     colors = clothing_colors(rng, ctx.dominant, ctx.rest_vertices, ctx.rest_joints)
-    body = render_body(ctx, verts, focal, pp, size, colors, random_background(rng, size), random_light(rng))
+    body = render_body(ctx, verts, focal, pp, size, colors, random_background(rng, size), random_light(rng),
+                       zoom=supersample)
     kp_px = project(kp_cam, focal, pp)
     image, occluder = body.image, np.zeros((size, size), bool)
     if rng.uniform() < occluder_prob:
@@ -322,7 +327,7 @@ def render_chunk(cfg: SynthConfig, split: str, start: int, stop: int) -> list[di
     records = []
     for k, index in enumerate(range(start, stop)):
         record = render_sample(ctx, scenes[k], out.vertices[k].double().numpy(), out.keypoints[k].double().numpy(),
-                               rngs[k], cfg.img_size, cfg.occluder_prob)
+                               rngs[k], cfg.img_size, cfg.occluder_prob, cfg.supersample)
         record.update(sample_id=f"synth-{split}-{index:06d}", pose=pose[k].numpy(), betas=betas[k].numpy())
         records.append(record)
     return records
