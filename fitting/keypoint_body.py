@@ -59,8 +59,10 @@ class KeypointBody(nn.Module):
         pose_feature = (rot[:, 1:] - eye).reshape(batch, -1)
         posed = shaped + (pose_feature @ self.posedirs).reshape(batch, -1, 3)
         posed_joints, transforms = batch_rigid_transform(rot, joints, self.parents, dtype=rot.dtype)
-        skin = torch.einsum("sj,bjmn->bsmn", self.lbs_weights, transforms)
-        vertices = torch.einsum("bsmn,bsn->bsm", skin[..., :3, :3], posed) + skin[..., :3, 3]
+        # Only the 3x4 top of each 4x4 transform is blended: the last row is constant.
+        top = transforms[:, :, :3, :].reshape(batch, NUM_JOINTS, 12)
+        skin = torch.matmul(self.lbs_weights, top).reshape(batch, -1, 3, 4)
+        vertices = torch.matmul(skin[..., :3], posed[..., None])[..., 0] + skin[..., 3]
         source = torch.cat([
             posed_joints,
             vertices[:, self.vertex_rows],

@@ -1,0 +1,206 @@
+"""SMPLify benchmark: speed and accuracy of batched fits on synthetic keypoints. Prints JSON.
+
+People: poses from the pose sampler (a seed family apart from the prior's), shapes N(0, 1),
+facing the camera within +-45 degrees of yaw, scaled to fill the 224-px crop. Keypoints are the
+body model's 49 keypoints projected with pixel noise, some dropped (confidence 0). For each batch
+size and each initialization (the mean pose with the camera guessed from the keypoints, or the
+truth plus noise) it reports fits/s (median over repeats), the final loss, the fraction valid,
+and MPJPE / PA-MPJPE (mm) over the 14 LSP joints, next to the same errors at the initialization.
+A second table times the keypoint forward+backward of the full mesh against the keypoint-only
+body that the fits use.
+
+    python bench/smplify.py [--batches 1,64,512] [--out bench/results/smplify_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import roma
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fitting.body_model import BodyModel, load_body_model  # noqa: E402
+from fitting.camera import perspective_projection  # noqa: E402
+from fitting.geometry import similarity_align  # noqa: E402
+from fitting.keypoint_body import KeypointBody  # noqa: E402
+from fitting.keypoints import KEYPOINT_NAMES, LSP14  # noqa: E402
+from fitting.pose_sampler import sample_body_poses  # noqa: E402
+from fitting.priors import load_prior  # noqa: E402
+from fitting.smplify import FitInit, SmplifyConfig, fit  # noqa: E402
+
+LSP_HIPS = [LSP14.index(KEYPOINT_NAMES.index(n)) for n in ("Right Hip", "Left Hip")]
+
+
+def make_people(model: BodyModel, n: int, seed: int, noise_px: float, drop: float, device) -> dict:
+    rng = np.random.default_rng(seed)
+    body = torch.as_tensor(sample_body_poses(n, rng))
+    upright = torch.tensor([[math.pi, 0.0, 0.0]]).expand(n, 3)
+    turn = torch.as_tensor(np.c_[rng.normal(0, 0.08, n), rng.uniform(-math.pi / 4, math.pi / 4, n),
+                                 rng.normal(0, 0.08, n)], dtype=torch.float32)
+    pose = torch.cat([roma.rotvec_composition([upright, turn]), body], dim=1)
+    betas = torch.as_tensor(rng.normal(size=(n, 10)), dtype=torch.float32)
+    depth = 2 * 5000 / (224 * rng.uniform(0.75, 1.0, n))
+    cam_t = torch.as_tensor(np.c_[rng.normal(0, 0.05, (n, 2)), depth], dtype=torch.float32)
+    pose, betas, cam_t = pose.to(device), betas.to(device), cam_t.to(device)
+    with torch.no_grad():
+        joints3d = model(pose, betas).keypoints
+    pixels = perspective_projection(joints3d, cam_t)
+    pixels = pixels + noise_px * torch.as_tensor(rng.standard_normal(pixels.shape), dtype=torch.float32, device=device)
+    seen = torch.as_tensor(rng.random((n, 49)) >= drop, device=device)
+    keypoints = torch.cat([pixels * seen[..., None], seen[..., None].float()], dim=-1)  # dropped: zeros
+    near = FitInit(
+        pose + 0.1 * torch.as_tensor(rng.standard_normal(pose.shape), dtype=torch.float32, device=device),
+        betas + 0.3 * torch.as_tensor(rng.standard_normal(betas.shape), dtype=torch.float32, device=device),
+        cam_t * torch.as_tensor(np.c_[np.ones((n, 2)), 1 + 0.05 * rng.standard_normal(n)], dtype=torch.float32,
+                                device=device)
+        + torch.as_tensor(np.c_[0.02 * rng.standard_normal((n, 2)), np.zeros(n)], dtype=torch.float32, device=device),
+    )
+    return {"joints3d": joints3d, "keypoints": keypoints, "near": near}
+
+
+def errors_mm(model: BodyModel, pose: torch.Tensor, betas: torch.Tensor, joints3d: torch.Tensor) -> tuple[float, float]:
+    """Mean MPJPE (pelvis = mid-hips) and PA-MPJPE over the 14 LSP joints, in mm."""
+    with torch.no_grad():
+        pred = model(pose, betas).keypoints[:, LSP14]
+    gt = joints3d[:, LSP14]
+    pred_c = pred - pred[:, LSP_HIPS].mean(1, keepdim=True)
+    gt_c = gt - gt[:, LSP_HIPS].mean(1, keepdim=True)
+    mpjpe = (pred_c - gt_c).norm(dim=-1).mean()
+    pa = (similarity_align(pred, gt) - gt).norm(dim=-1).mean()
+    return 1000 * float(mpjpe), 1000 * float(pa)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, config, device) -> dict:
+    """Repeats fit disjoint batches (so batch 1 still averages over several people)."""
+    times, results, slices = [], [], []
+    for r in range(repeats):
+        sl = slice(r * batch, (r + 1) * batch)
+        kp = people["keypoints"][sl]
+        init = None if init_kind == "mean" else FitInit(*(getattr(people["near"], k)[sl] for k in ("pose", "betas", "cam_t")))
+        sync(device)
+        start = time.perf_counter()
+        result = fit(model, prior, kp, init=init, config=config)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        results.append(result)
+        slices.append(sl)
+    pose = torch.cat([r.pose for r in results])
+    betas = torch.cat([r.betas for r in results])
+    loss = torch.cat([r.loss for r in results])
+    valid = torch.cat([r.valid for r in results])
+    gt = torch.cat([people["joints3d"][sl] for sl in slices])
+    mpjpe, pa = errors_mm(model, pose, betas, gt)
+    if init_kind == "mean":
+        from fitting.smplify import default_mean_pose
+
+        init_pose = default_mean_pose(prior).to(device).expand(len(gt), -1)
+        init_betas = torch.zeros(len(gt), 10, device=device)
+    else:
+        init_pose = torch.cat([people["near"].pose[sl] for sl in slices])
+        init_betas = torch.cat([people["near"].betas[sl] for sl in slices])
+    init_mpjpe, init_pa = errors_mm(model, init_pose, init_betas, gt)
+    median = statistics.median(times)
+    return {
+        "batch": batch, "init": init_kind, "repeats": repeats, "people": len(gt),
+        "seconds_median": round(median, 4), "fits_per_s": round(batch / median, 2),
+        "loss_mean": round(float(loss[torch.isfinite(loss)].mean()), 3), "loss_median": round(float(loss.median()), 3),
+        "valid_fraction": round(float(valid.float().mean()), 4),
+        "mpjpe_mm": round(mpjpe, 1), "pa_mpjpe_mm": round(pa, 1),
+        "init_mpjpe_mm": round(init_mpjpe, 1), "init_pa_mpjpe_mm": round(init_pa, 1),
+    }
+
+
+def time_forward(model: BodyModel, batch: int, repeats: int, device) -> dict:
+    """Keypoints forward+backward: the full mesh (BodyModel) vs the keypoint-only body."""
+    body = KeypointBody(model)
+    pose = (0.3 * torch.randn(batch, 72, device=device)).requires_grad_(True)
+    betas = torch.zeros(batch, 10, device=device, requires_grad=True)
+    out = {}
+    for name, fn in (("full_mesh", lambda: model(pose, betas).keypoints), ("keypoint_body", lambda: body(pose, betas))):
+        fn().sum().backward()  # warm-up
+        samples = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            fn().sum().backward()
+            sync(device)
+            samples.append(time.perf_counter() - start)
+        out[f"{name}_ms"] = round(1000 * statistics.median(samples), 3)
+    out["speedup"] = round(out["full_mesh_ms"] / out["keypoint_body_ms"], 1)
+    return {"batch": batch, "support_vertices": body.num_support, **out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,64,512")
+    parser.add_argument("--repeats", default="5,3,2", help="repeats per batch size")
+    parser.add_argument("--seed", type=int, default=1000, help="pose seed (the built-in prior uses 0)")
+    parser.add_argument("--noise-px", type=float, default=2.0)
+    parser.add_argument("--drop", type=float, default=0.1, help="fraction of keypoints dropped")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="body model .npz (default: the built-in)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    repeats = [int(r) for r in args.repeats.split(",")]
+    repeats = (repeats + [repeats[-1]] * len(batches))[:len(batches)]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = load_body_model(args.model, device=device)
+    prior = load_prior(device=device)
+    config = SmplifyConfig()
+    people = make_people(model, max(b * r for b, r in zip(batches, repeats)), args.seed, args.noise_px, args.drop, device)
+
+    rows = []
+    for batch, reps in zip(batches, repeats):
+        fit(model, prior, people["keypoints"][:batch], config=SmplifyConfig.from_dict(
+            {"stages": [{"name": "camera", "iterations": 2}, {"name": "body", "iterations": 2}]}))  # warm-up
+        for init_kind in ("mean", "near"):
+            rows.append(run_case(model, prior, people, batch, init_kind, reps, config, device))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    base = {r["init"]: r["fits_per_s"] for r in rows if r["batch"] == batches[0]}
+    for r in rows:
+        r[f"speedup_vs_batch{batches[0]}"] = round(r["fits_per_s"] / base[r["init"]], 2)
+
+    report = {
+        "benchmark": "smplify",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+                    "torch": torch.__version__, "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "model": {"path": model.name if args.model else "built-in", "vertices": model.num_vertices},
+        "data": {"seed": args.seed, "noise_px": args.noise_px, "drop": args.drop, "yaw_deg": 45,
+                 "near_init": "pose + N(0, 0.1) rad, betas + N(0, 0.3), depth x (1 + N(0, 0.05)), xy + N(0, 0.02) m"},
+        "smplify": config.to_dict(),
+        "fits": rows,
+        "keypoint_forward": [time_forward(model, b, 10, device) for b in (64, 512)],
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
