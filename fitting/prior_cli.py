@@ -24,7 +24,10 @@ def prior() -> None:
 @click.option("--components", type=int, default=8, show_default=True, help="Mixture components.")
 @click.option("--variety", type=float, default=1.0, show_default=True, help="Pose sampler spread.")
 def build(out: Path | None, num_poses: int, seed: int, components: int, variety: float) -> None:
-    """Sample poses, fit a full-covariance GMM with scikit-learn and save means, covars, weights."""
+    """Fit the GMM prior on sampled poses and save it.
+
+    Poses come from the built-in pose sampler; scikit-learn fits a full-covariance mixture,
+    saved in gmm_08's layout (means, covars, weights)."""
     from fitting.pose_sampler import sample_body_poses
     from fitting.priors import GMMPrior, builtin_prior_path, fit_gmm
 
