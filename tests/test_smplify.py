@@ -14,7 +14,8 @@ from fitting.errors import BadInput
 from fitting.geometry import similarity_align
 from fitting.keypoint_body import KeypointBody, rigid_keypoints
 from fitting.keypoints import FIT_IGNORED, GT_TORSO, LSP14, OP_TORSO
-from fitting.objective import camera_residuals, fit_confidence, gmof
+from fitting.objective import body_energy_terms, body_residuals, camera_residuals, fit_confidence, gmof
+from fitting.priors import angle_prior
 from fitting.pose_sampler import sample_body_poses
 from fitting.priors import load_prior
 from fitting.smplify import (
@@ -145,6 +146,26 @@ def test_score_by_hand_and_ignored_joints(model):
     torch.testing.assert_close(loss, joint_loss.mean(-1))
     assert loss[0].item() == pytest.approx(expected / 49, rel=1e-2)
     assert moved[0, FIT_IGNORED[0], 2] == 1.0  # confidences are not zeroed in place
+
+
+def test_body_residuals_square_to_smplify_energy(model, prior):
+    pose, betas, cam_t, joints3d, kp = synthetic(model, 3, seed=9)
+    kp = kp.clone()
+    kp[..., :2] += 30.0 * torch.randn(kp[..., :2].shape, generator=torch.Generator().manual_seed(0))
+    kp[:, :, 2] = torch.rand(3, 49, generator=torch.Generator().manual_seed(1))
+    conf = fit_confidence(kp[..., 2])
+    weights = dict(sigma=100.0, pose_prior_weight=4.78, angle_prior_weight=15.2, shape_prior_weight=5.0,
+                   focal_length=5000.0, img_res=224)
+    args = (joints3d, pose[:, 3:], betas, cam_t, kp, conf, prior)
+    energy = body_residuals(*args, **weights).square().sum(-1)
+    terms = body_energy_terms(*args, **weights)
+    torch.testing.assert_close(energy, sum(terms.values()), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(terms["pose_prior"], 4.78 ** 2 * prior(pose[:, 3:]))
+    torch.testing.assert_close(terms["angle_prior"], 15.2 ** 2 * angle_prior(pose[:, 3:]))
+    torch.testing.assert_close(terms["shape_prior"], 25.0 * betas.square().sum(-1))
+    projected = perspective_projection(joints3d, cam_t)
+    data = (conf ** 2 * gmof(projected - kp[..., :2], 100.0).sum(-1)).sum(-1)
+    torch.testing.assert_close(terms["data"], data)
 
 
 def test_fit_confidence_is_pure():
@@ -331,3 +352,15 @@ def test_fit_on_cuda_matches_cpu(model, prior):
 def test_gmof_matches_spin_units():
     # the reported loss at a joint 100 px off is half of sigma^2 (per coordinate)
     assert gmof(torch.tensor(100.0), 100.0).item() == pytest.approx(5000.0)
+
+
+def test_loss_threshold_decides_validity(model, prior):
+    pose, betas, cam_t, _, kp = synthetic(model, 2, seed=10)
+    truth = FitInit(pose, betas, cam_t)
+    scrambled = kp.clone()
+    scrambled[1, :, :2] = 224 * torch.rand(49, 2, generator=torch.Generator().manual_seed(0))
+    result = fit(model, prior, scrambled, init=truth, config=short(10, 10))
+    assert result.loss[0] < 100.0 < result.loss[1] and result.valid.tolist() == [True, False]
+    assert result.reasons == [None, None]   # a poor fit, not an unfittable sample
+    lenient = SmplifyConfig(stages=short(10, 10).stages, loss_threshold=1e9)
+    assert fit(model, prior, scrambled, init=truth, config=lenient).valid.all()
