@@ -85,7 +85,9 @@ def rigid_keypoints(body: KeypointBody, body_pose: torch.Tensor, betas: torch.Te
         anchor = sums[body.keypoint_source][None, :, None] * root[:, None, :]
         local = k0 - anchor
 
-    def keypoints(global_orient: torch.Tensor) -> torch.Tensor:
+    def keypoints(global_orient: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, 3) orientations of the samples `rows` (default: all) -> (R, 49, 3)."""
+        part_local, part_anchor = (local, anchor) if rows is None else (local[rows], anchor[rows])
         rot = batch_rodrigues(global_orient)
-        return torch.einsum("bij,bkj->bki", rot, local) + anchor
+        return torch.einsum("bij,bkj->bki", rot, part_local) + part_anchor
     return keypoints

@@ -222,22 +222,32 @@ def _check_init(init: FitInit, batch: int, device: torch.device) -> FitInit:
 
 def _stage_residuals(stage: StageConfig, body: KeypointBody, prior: GMMPrior, kp: torch.Tensor,
                      confidence: torch.Tensor, cam_t_init: torch.Tensor, params: dict, config: SmplifyConfig):
-    """The stage's residual function params -> (B, M)."""
+    """The stage's residual function (params, rows=None) -> (R, M) for the samples `rows`
+    (default: all), with params holding just those samples."""
     rigid = None
     if set(stage.optimize) <= {"global_orient", "cam_t"}:
         rigid = rigid_keypoints(body, params["body_pose"], params["betas"])
 
-    def model_keypoints(p: dict) -> torch.Tensor:
+    def model_keypoints(p: dict, rows: torch.Tensor | None) -> torch.Tensor:
         if rigid is not None:
-            return rigid(p["global_orient"])
+            return rigid(p["global_orient"], rows)
         return body(torch.cat([p["global_orient"], p["body_pose"]], dim=1), p["betas"])
+
+    def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return t if rows is None else t[rows]
 
     f, res = config.focal_length, config.img_res
     if stage.name == "camera":
-        return lambda p: camera_residuals(model_keypoints(p), p["cam_t"], cam_t_init, kp, config.depth_weight, f, res)
-    return lambda p: body_residuals(
-        model_keypoints(p), p["body_pose"], p["betas"], p["cam_t"], kp, confidence, prior, config.sigma,
-        config.pose_prior_weight, config.angle_prior_weight, config.shape_prior_weight, f, res)
+        def camera(p: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+            return camera_residuals(model_keypoints(p, rows), p["cam_t"], pick(cam_t_init, rows), pick(kp, rows),
+                                    config.depth_weight, f, res)
+        return camera
+
+    def body_stage(p: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return body_residuals(
+            model_keypoints(p, rows), p["body_pose"], p["betas"], p["cam_t"], pick(kp, rows), pick(confidence, rows),
+            prior, config.sigma, config.pose_prior_weight, config.angle_prior_weight, config.shape_prior_weight, f, res)
+    return body_stage
 
 
 def fit(model: BodyModel, prior: GMMPrior, keypoints_px: torch.Tensor, init: FitInit | None = None,

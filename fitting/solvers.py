@@ -25,14 +25,17 @@ Params = dict[str, torch.Tensor]
 
 @dataclass
 class StageProblem:
+    """residuals(params, rows=None) -> (R, M) for the samples `rows` (a long index; None: all B),
+    with every tensor in `params` holding just those samples; energy = sum of squares. A solver
+    that stops samples early can keep evaluating only the ones still running."""
     params: Params                                # every parameter's start value, (B, k) each
     free: tuple[str, ...]                         # the parameters this stage changes
-    residuals: Callable[[Params], torch.Tensor]   # params -> (B, M); energy = sum of squares
+    residuals: Callable[..., torch.Tensor]
     active: torch.Tensor                          # (B,) bool; inactive samples are left as they are
 
-    def energy(self, params: Params) -> torch.Tensor:
-        """(B,) per-sample energy."""
-        return self.residuals(params).square().sum(dim=-1)
+    def energy(self, params: Params, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(R,) per-sample energy."""
+        return self.residuals(params, rows).square().sum(dim=-1)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from fitting.smplify import (
     FitInit,
     SmplifyConfig,
     StageConfig,
+    _stage_residuals,
     default_mean_pose,
     fit,
     mean_init,
@@ -215,7 +216,7 @@ def test_rigid_camera_stage_keypoints_match_the_model(posable):
 
 def test_adam_keeps_the_best_iterate_per_sample():
     target = torch.tensor([[1.0], [-2.0], [0.5]])
-    problem = StageProblem({"x": torch.zeros(3, 1)}, ("x",), lambda p: p["x"] - target,
+    problem = StageProblem({"x": torch.zeros(3, 1)}, ("x",), lambda p, rows=None: p["x"] - target,
                            torch.tensor([True, True, False]))
     wild = StageConfig("body", iterations=7, lr=3.0)   # overshoots, so the last step is not the best
     result = adam(problem, wild)
@@ -250,6 +251,19 @@ def test_a_registered_solver_is_used_by_name(model, prior):
         SOLVERS.pop("frozen")
     assert calls == ["camera"]
     assert result.iterations.tolist() == [3, 3]
+
+
+def test_stage_residuals_for_a_subset_of_samples(model, prior):
+    pose, betas, cam_t, _, kp = synthetic(model, 4, seed=12)
+    params = {"global_orient": pose[:, :3], "body_pose": pose[:, 3:], "betas": betas, "cam_t": cam_t + 0.1}
+    rows = torch.tensor([3, 1])
+    config = SmplifyConfig()
+    for stage in config.stages:
+        residuals = _stage_residuals(stage, KeypointBody(model), prior, kp, fit_confidence(kp[..., 2]), cam_t,
+                                     params, config)
+        full = residuals(params)
+        torch.testing.assert_close(residuals({k: v[rows] for k, v in params.items()}, rows), full[rows])
+        assert full.shape == ((4, 9) if stage.name == "camera" else (4, 98 + 70 + 4 + 10))
 
 
 # ---------------------------------------------------------------- fitting
