@@ -36,7 +36,7 @@ from fitting.keypoint_body import KeypointBody  # noqa: E402
 from fitting.keypoints import KEYPOINT_NAMES, LSP14  # noqa: E402
 from fitting.pose_sampler import sample_body_poses  # noqa: E402
 from fitting.priors import load_prior  # noqa: E402
-from fitting.smplify import FitInit, SmplifyConfig, fit  # noqa: E402
+from fitting.smplify import FitInit, SmplifyConfig, default_mean_pose, fit  # noqa: E402
 
 LSP_HIPS = [LSP14.index(KEYPOINT_NAMES.index(n)) for n in ("Right Hip", "Left Hip")]
 
@@ -91,7 +91,8 @@ def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, con
     for r in range(repeats):
         sl = slice(r * batch, (r + 1) * batch)
         kp = people["keypoints"][sl]
-        init = None if init_kind == "mean" else FitInit(*(getattr(people["near"], k)[sl] for k in ("pose", "betas", "cam_t")))
+        near = people["near"]
+        init = None if init_kind == "mean" else FitInit(near.pose[sl], near.betas[sl], near.cam_t[sl])
         sync(device)
         start = time.perf_counter()
         result = fit(model, prior, kp, init=init, config=config)
@@ -106,8 +107,6 @@ def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, con
     gt = torch.cat([people["joints3d"][sl] for sl in slices])
     mpjpe, pa = errors_mm(model, pose, betas, gt)
     if init_kind == "mean":
-        from fitting.smplify import default_mean_pose
-
         init_pose = default_mean_pose(prior).to(device).expand(len(gt), -1)
         init_betas = torch.zeros(len(gt), 10, device=device)
     else:
@@ -167,7 +166,8 @@ def main() -> None:
     model = load_body_model(args.model, device=device)
     prior = load_prior(device=device)
     config = SmplifyConfig()
-    people = make_people(model, max(b * r for b, r in zip(batches, repeats)), args.seed, args.noise_px, args.drop, device)
+    count = max(b * r for b, r in zip(batches, repeats))
+    people = make_people(model, count, args.seed, args.noise_px, args.drop, device)
 
     rows = []
     for batch, reps in zip(batches, repeats):

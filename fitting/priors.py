@@ -222,7 +222,8 @@ def fit_gmm(poses: np.ndarray, num_components: int = 8, seed: int = 0,
 
     poses = np.asarray(poses, dtype=np.float64)
     if poses.ndim != 2 or poses.shape[0] < num_components * (poses.shape[1] + 1):
-        raise BadInput(f"need at least {num_components * (poses.shape[-1] + 1)} poses of shape (N, D), got {poses.shape}")
+        need = num_components * (poses.shape[-1] + 1)
+        raise BadInput(f"need at least {need} poses of shape (N, D), got {poses.shape}")
     gmm = GaussianMixture(n_components=num_components, covariance_type="full", reg_covar=reg_covar,
                           max_iter=max_iter, n_init=1, init_params="kmeans", random_state=seed)
     gmm.fit(poses)

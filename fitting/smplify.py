@@ -61,7 +61,8 @@ class StageConfig:
         bad = [p for p in self.optimize if p not in PARAMETERS]
         if bad:
             raise BadInput(f"stage '{self.name}': cannot optimize '{bad[0]}' (choose from {', '.join(PARAMETERS)})")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, (int, np.integer)) or self.iterations < 0:
+        integer = isinstance(self.iterations, (int, np.integer)) and not isinstance(self.iterations, bool)
+        if not integer or self.iterations < 0:
             raise BadInput(f"stage '{self.name}': iterations must be an integer >= 0, got {self.iterations!r}")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise BadInput(f"stage '{self.name}': lr must be > 0, got {self.lr!r}")
