@@ -62,7 +62,7 @@ class BatchFitter:
     # -------------------------------------------------------------- internals
     def _fit(self, batch: pa.Table) -> pa.Table:
         n = len(batch)
-        keypoints = torch.as_tensor(normalized_to_pixels(torch.as_tensor(to_numpy(batch, "keypoints")), IMG_RES))
+        keypoints = normalized_to_pixels(torch.from_numpy(to_numpy(batch, "keypoints").copy()), IMG_RES)
         keypoints = keypoints.to(self.device)
         has_smpl = self._has_smpl(batch)
         init_kind = np.full(n, "mean", dtype=object)
@@ -72,8 +72,14 @@ class BatchFitter:
             init = FitInit(*(torch.as_tensor(pred[k], dtype=torch.float32, device=self.device)
                              for k in ("pose", "betas", "cam_t")))
             init_kind[:] = "network"
+            if not pred["ok"].all():  # an unreadable image: start that sample from the mean instead
+                fallback = self._mean_init(keypoints)
+                ok = torch.as_tensor(pred["ok"], device=self.device)[:, None]
+                init = FitInit(*(torch.where(ok, a, b) for a, b in zip(
+                    (init.pose, init.betas, init.cam_t), (fallback.pose, fallback.betas, fallback.cam_t))))
+                init_kind[~pred["ok"]] = "mean"
         else:
-            init = mean_init(self.model, keypoints, self.mean_pose.to(self.device), self.mean_betas.to(self.device))
+            init = self._mean_init(keypoints)
         result = fit(self.model, self.prior, keypoints, init, self.config)
         pose, betas, cam_t = result.pose.cpu().numpy(), result.betas.cpu().numpy(), result.cam_t.cpu().numpy()
         loss, joint_loss = result.loss.cpu().numpy(), result.joint_loss.cpu().numpy()
@@ -100,6 +106,10 @@ class BatchFitter:
         # a sample with no usable new fit keeps its old best fit when it has one
         reasons = [None if (r is not None and merged["kept_old"][i]) else r for i, r in enumerate(reasons)]
         return table.append_column("shard", pa.array(shards, pa.string())).append_column("reason", pa.array(reasons, pa.string()))
+
+    def _mean_init(self, keypoints: torch.Tensor) -> FitInit:
+        finite = torch.nan_to_num(keypoints, nan=0.0, posinf=0.0, neginf=0.0)  # screened by fit()
+        return mean_init(self.model, finite, self.mean_pose.to(self.device), self.mean_betas.to(self.device))
 
     @staticmethod
     def _has_smpl(batch: pa.Table) -> np.ndarray:

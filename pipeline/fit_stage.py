@@ -70,15 +70,19 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
         actors = max(1, int(gpus // gpus_per_actor))
     else:
         actors = max(1, int(cpus))
-    # Leave a quarter core for the parquet readers and the driver, or the pool can starve them.
-    cpus_per_actor = fit.cpus_per_actor or max(0.1, (cpus - 0.25) / actors)
+    # Leave one logical CPU free: Ray Data lists and reads the files with 1-CPU tasks, and an
+    # actor pool that takes every CPU deadlocks them. Actors ask for fractions instead.
+    cpus_per_actor = fit.cpus_per_actor or max(0.1, (cpus - 1.0) / actors)
     return {"actors": actors, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": gpus_per_actor}
 
 
 def make_spec(run: Path, round_index: int, config: RunConfig, device: str, threads: int) -> FitterSpec:
-    smplify = dict(config.fit.smplify)
+    from fitting.smplify import SmplifyConfig
+
+    smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()  # a bad config fails here, not in an actor
     if config.fit.solver:
-        smplify["solver"] = config.fit.solver
+        smplify["stages"] = [{**stage, "solver": config.fit.solver} for stage in smplify["stages"]]
+        SmplifyConfig.from_dict(smplify)
     checkpoint = ""
     if round_index > 0:
         checkpoint = str(rundir.step_dir(run, round_index - 1, "model") / "checkpoint.pt")
@@ -135,14 +139,14 @@ def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progres
     ensure_ray(ray_address, progress)
     plan = plan_resources(config)
     device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
-    threads = max(1, int(round(plan["cpus_per_actor"])))
+    threads = max(1, int(round(plan["cpus_per_actor"] + (1.0 / plan["actors"]))))
     spec = make_spec(run, round_index, config, device, threads)
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
     present = set(pq.ParquetFile(pending[0]).schema_arrow.names)
     columns = [c for c in columns if c in present]
     expected = {p.name: pq.ParquetFile(p).metadata.num_rows for p in pending}
     ds = ray.data.read_parquet([str(p) for p in pending], columns=columns, include_paths=True,
-                               num_cpus=0.1)
+                               num_cpus=0.1, override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=config.fit.batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
