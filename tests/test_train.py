@@ -187,3 +187,18 @@ def test_two_d_mode_needs_no_fits(body, data, tmp_path):
     assert {"train/pose_prior", "train/angle_prior", "train/shape_prior"} <= set(logged[0])
     with pytest.raises(BadInput, match="needs a fits table"):
         train_regressor(_config(steps=3), [root], None, tmp_path / "x", body_model=body)
+
+
+def test_parallel_loader_serves_the_same_batches(body, data):
+    import cv2
+    from trainer.augment import AugmentConfig
+    from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
+
+    root, fits = data
+    cv2.resize(np.zeros((600, 600, 3), np.uint8), (300, 300))  # OpenCV's thread pool runs before the fork
+    dataset = SamplesDataset(read_samples([root]), fits, img_res=48, augment=AugmentConfig(), seed=3)
+    def batches(workers):
+        sampler = StepBatchSampler(len(dataset), 4, seed=3, start=1, stop=4)
+        return list(make_loader(dataset, sampler, num_workers=workers, timeout=60))
+    for a, b in zip(batches(0), batches(2)):
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -196,19 +196,22 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def _worker_init(_: int) -> None:
     import cv2
-    cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe
+    # workers are the parallelism: OpenCV runs sequentially in each. 0, not 1: setting 1 in a
+    # forked child of a process whose OpenCV pool has run blocks forever on the copied pool
+    cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
 
 def make_loader(dataset: SamplesDataset, batch_sampler: Sampler | None = None, batch_size: int = 64,
-                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over `dataset`: with a batch sampler for training, in order otherwise."""
+                num_workers: int = 0, pin_memory: bool = False, timeout: float = 0) -> DataLoader:
+    """A DataLoader over `dataset`: with a batch sampler for training, in order otherwise.
+    `timeout` (seconds, 0 = none) bounds the wait for a worker's batch."""
     # a private generator: the loader must not draw from the global RNG that dropout uses
     # (a resumed run restores that RNG and must see the same stream)
     common = {"num_workers": int(num_workers), "pin_memory": pin_memory, "generator": torch.Generator().manual_seed(0),
               "worker_init_fn": _worker_init if num_workers > 0 else None,
               "prefetch_factor": 4 if num_workers > 0 else None,
-              "persistent_workers": False}
+              "persistent_workers": False, "timeout": float(timeout) if num_workers > 0 else 0}
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)
     return DataLoader(dataset, batch_size=int(batch_size), shuffle=False, **common)

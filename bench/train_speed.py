@@ -1,0 +1,154 @@
+"""Training throughput per backbone: the train step (forward, SPIN's losses through the body
+model, backward, Adam) against the data loader (decode, SPIN augmentation, resize) that feeds it.
+
+Prints JSON: per backbone the median train-step time and images/s, the loader's images/s with
+0 workers and with the preset's workers, and loader_vs_train = loader images/s / train images/s
+(>= 1 means the loader keeps up). Without --data it makes JPEG crops of the synthetic preset's
+size in a temporary folder.
+
+    python bench/train_speed.py [--data DIR] [--backbones small,resnet18,resnet50] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fitting.body_model import builtin_body_model_path, load_body_model  # noqa: E402
+from trainer.augment import AugmentConfig  # noqa: E402
+from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples  # noqa: E402
+from trainer.losses import LossWeights, compute_losses  # noqa: E402
+from trainer.model import Regressor, normalize_images  # noqa: E402
+from trainer.samples import encode_image  # noqa: E402
+from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards  # noqa: E402
+
+# backbone -> (input resolution, batch size, stored crop size, loader workers): the presets' choices
+SETUPS = {
+    "small": (96, 32, 128, 1),
+    "resnet18": (224, 16, 224, 2),
+    "resnet50": (224, 16, 224, 2),
+}
+
+
+def make_data(root: Path, n: int, crop: int, seed: int = 0) -> tuple[Path, object]:
+    """n smooth random JPEG crops with random keypoints, and fits for all of them."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        small = rng.uniform(0, 255, size=(crop // 8, crop // 8, 3)).astype(np.uint8)
+        image = cv2.resize(small, (crop, crop), interpolation=cv2.INTER_CUBIC)
+        image = np.clip(image + rng.normal(scale=8, size=image.shape), 0, 255).astype(np.uint8)
+        images.append(encode_image(image, quality=90))
+    keypoints = np.concatenate([rng.uniform(-0.8, 0.8, (n, 49, 2)), np.ones((n, 49, 1))], axis=2)
+    ids = [f"bench-{i}" for i in range(n)]
+    samples = make_table({"sample_id": ids, "dataset": ["bench"] * n, "image": images,
+                          "keypoints": keypoints, "has_smpl": [False] * n}, SAMPLES_SCHEMA)
+    write_shards(samples, root / "train", shard_size=max(n // 2, 1))
+    pose = rng.normal(scale=0.2, size=(n, 72))
+    pose[:, 0] += np.pi
+    fits = make_table({"sample_id": ids, "pose": pose, "betas": rng.normal(size=(n, 10)),
+                       "cam_t": np.tile([0.0, 0.0, 50.0], (n, 1)), "loss": np.ones(n), "joint_loss": np.zeros((n, 49)),
+                       "valid": [True] * n, "betas_ok": [True] * n, "found_in_round": np.zeros(n, np.int32),
+                       "init": ["mean"] * n, "iterations": np.zeros(n, np.int32)}, FITS_SCHEMA)
+    return root, fits
+
+
+def loader_rate(dataset: SamplesDataset, batch_size: int, workers: int, batches: int) -> float:
+    """Images per second of the training loader, after its first batch (worker start-up)."""
+    sampler = StepBatchSampler(len(dataset), batch_size, seed=0, start=0, stop=batches + 1)
+    it = iter(make_loader(dataset, sampler, num_workers=workers))
+    next(it)
+    start = time.perf_counter()
+    count = sum(len(b["image"]) for b in it)
+    return count / (time.perf_counter() - start)
+
+
+def train_rate(backbone: str, img_res: int, batch: dict, body, steps: int) -> tuple[float, list[float]]:
+    """Median seconds of a full train step on a fixed batch, after one warm-up step."""
+    torch.manual_seed(0)
+    regressor = Regressor(backbone, img_res, backbone_weights="none").train()
+    optimizer = torch.optim.Adam(regressor.parameters(), lr=5e-5)
+    weights = LossWeights()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        out = regressor(normalize_images(batch["image"]))
+        loss = compute_losses(out, batch, body, weights).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, help="a samples directory (DIR or DIR/train); default: generated")
+    parser.add_argument("--backbones", default="small,resnet18,resnet50")
+    parser.add_argument("--steps", type=int, default=3, help="timed train steps per backbone")
+    parser.add_argument("--loader-batches", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    body_name = "built-in"
+    if builtin_body_model_path().is_file():
+        body = load_body_model()
+    else:  # before the built-in model exists: a random SMPL-sized one
+        from fitting.body_model import BodyModel
+        from tests.toy_body import make_toy_smpl
+        body, body_name = BodyModel(make_toy_smpl()), "random SMPL-sized (6890 vertices)"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in args.backbones.split(","):
+            img_res, batch_size, crop, workers = SETUPS[backbone]
+            n = batch_size * (args.loader_batches + 1)
+            if args.data:
+                samples, fits = read_samples([args.data]), None
+            else:
+                root, fits = make_data(Path(tmp) / f"{backbone}", n, crop)
+                samples = read_samples([root])
+            dataset = SamplesDataset(samples, fits, img_res, augment=AugmentConfig(), seed=0)
+            loader0 = loader_rate(dataset, batch_size, 0, args.loader_batches)
+            loader_n = loader_rate(dataset, batch_size, workers, args.loader_batches)
+            batch = next(iter(make_loader(dataset, StepBatchSampler(len(dataset), batch_size, 0, 0, 1))))
+            median, times = train_rate(backbone, img_res, batch, body, args.steps)
+            train_ips = batch_size / median
+            results.append({
+                "backbone": backbone, "img_res": img_res, "batch_size": batch_size, "stored_crop": crop,
+                "train_step_s_median": round(median, 4), "train_step_s": [round(t, 4) for t in times],
+                "train_images_per_s": round(train_ips, 2),
+                "loader_images_per_s_0_workers": round(loader0, 1),
+                "loader_workers": workers, "loader_images_per_s": round(loader_n, 1),
+                "loader_vs_train": round(loader_n / train_ips, 2),
+            })
+            print(json.dumps(results[-1]), file=sys.stderr)
+    report = {
+        "benchmark": "train_speed", "command": "python " + " ".join(sys.argv),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "device": "cpu"},
+        "body_model": body_name, "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
