@@ -23,7 +23,6 @@ class FitStageConfig:
     gpus_per_actor: float = -1.0   # -1: 1 when the cluster has GPUs, else 0
     solver: str = ""               # "" keeps the SMPLify default; "adam" is SPIN's own solver
     smplify: dict[str, Any] = field(default_factory=dict)  # SmplifyConfig overrides
-    max_batch_retries: int = 2     # Ray task retries before a batch is split to isolate bad samples
 
 
 @dataclass

@@ -92,7 +92,7 @@ def fit_overlay_grid(run: Path, round_index: int, config: RunConfig, body, out_p
                 continue
             i = index[sid]
             with torch.no_grad():
-                verts = body(torch.as_tensor(pose[i:i + 1]), torch.as_tensor(betas[i:i + 1])).vertices[0].numpy()
+                verts = body(torch.from_numpy(pose[i:i + 1].copy()), torch.from_numpy(betas[i:i + 1].copy())).vertices[0].numpy()
             size = image.shape[0]
             focal = FOCAL_LENGTH * size / IMG_RES  # the fit's camera, rescaled to the stored crop
             tile = overlay_mesh(image, verts + cam_t[i], body.faces, focal, np.array([size / 2, size / 2]))

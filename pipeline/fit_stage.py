@@ -151,8 +151,7 @@ def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progres
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=config.fit.batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_cpus=plan["cpus_per_actor"], num_gpus=plan["gpus_per_actor"] or None,
-        max_restarts=config.fit.max_batch_retries, max_task_retries=config.fit.max_batch_retries,
-    )
+    )  # Ray Data restarts a crashed actor and retries its batch; Python errors are handled inside
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):

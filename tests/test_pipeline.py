@@ -1,0 +1,150 @@
+"""The product end to end: real local Ray, real SQLite MLflow, the tiny built-in benchmark."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import rundir
+from pipeline.config import RunConfig, save_config
+from pipeline.fit_stage import fit_round, read_fits, read_quarantine
+from trainer.tables import SAMPLES_SCHEMA, make_table, read_table, to_numpy, write_table
+
+FAST_SMPLIFY = {"stages": [{"name": "camera", "iterations": 10}, {"name": "body", "iterations": 25}]}
+
+
+def config_for(data: Path, **overrides) -> RunConfig:
+    config = RunConfig.from_dict({"data": str(data), "rounds": 2, "train_preset": "tiny",
+                                  "fit": {"batch_size": 32, "smplify": FAST_SMPLIFY}})
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def copy_with_bad_sample(src: Path, dst: Path) -> str:
+    """The benchmark with one train sample's keypoints made NaN; returns that sample's id."""
+    shutil.copytree(src, dst)
+    first = sorted((dst / "train").glob("*.parquet"))[0]
+    table = read_table(first, SAMPLES_SCHEMA)
+    keypoints = to_numpy(table, "keypoints").copy()
+    keypoints[0, :5, 0] = np.nan
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    columns["keypoints"] = keypoints
+    for name in ("center", "pose", "betas", "joints3d"):
+        columns[name] = [None if v is None else np.asarray(v, np.float32) for v in columns[name]]
+    write_table(make_table(columns, SAMPLES_SCHEMA), first)
+    return table.column("sample_id")[0].as_py()
+
+
+@pytest.mark.slow
+def test_two_rounds_end_to_end(tiny_benchmark, tmp_path):
+    import mlflow
+
+    from pipeline.rounds import run_pipeline
+
+    data = tmp_path / "data"
+    bad_id = copy_with_bad_sample(tiny_benchmark, data)
+    run = tmp_path / "run"
+    config = config_for(data)
+    results = run_pipeline(run, config, rounds=2, progress=False)
+
+    for r in (0, 1):
+        for step in ("fits", "model", "eval"):
+            assert rundir.is_done(run, r, step)
+    round0, round1 = read_fits(run, 0), read_fits(run, 1)
+    ids0 = round0.column("sample_id").to_pylist()
+    ids1 = round1.column("sample_id").to_pylist()
+    assert sorted(ids0) == sorted(ids1) and bad_id not in ids0
+    loss0 = dict(zip(ids0, to_numpy(round0, "loss")))
+    loss1 = dict(zip(ids1, to_numpy(round1, "loss")))
+    assert all(loss1[i] <= loss0[i] + 1e-4 for i in ids0), "a best fit got worse"
+    found = to_numpy(round1, "found_in_round")
+    init = np.asarray(round1.column("init").to_pylist())
+    assert set(np.unique(init)) <= {"mean", "network"}
+    assert np.all((found == 1) == (init == "network"))
+
+    quarantine = read_quarantine(rundir.step_dir(run, 0, "fits"))
+    reasons = dict(zip(quarantine.column("sample_id").to_pylist(), quarantine.column("reason").to_pylist()))
+    assert "non-finite keypoints" in reasons[bad_id]
+    success = rundir.read_success(run, 0, "fits")
+    assert success["rows"] == len(ids0) and success["quarantined"] == 1
+    assert 0.0 <= success["acceptance_rate"] <= 1.0 and success["code_version"]
+
+    eval1 = results[1]["eval"]
+    assert eval1["regressor"]["pa_mpjpe"] > 0 and eval1["fits"]["pa_mpjpe"] > 0
+    assert (rundir.step_dir(run, 1, "eval") / "fit_overlays.png").stat().st_size > 1000
+
+    mlflow.set_tracking_uri(f"sqlite:///{run / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["spin-pipeline"])
+    names = set(runs["tags.mlflow.runName"])
+    assert {"fit-round0", "train-round0", "eval-round0", "fit-round1", "train-round1", "eval-round1"} <= names
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parent) == 1 and parent["metrics.rounds_done"].iloc[0] == 2
+
+    # a finished step is a no-op
+    again = fit_round(run, 0, config, progress=False)
+    assert again.get("skipped") is True
+
+
+def split_shards(src: Path, dst: Path, rows_per_shard: int) -> None:
+    (dst / "train").mkdir(parents=True)
+    table = pq.read_table(sorted((src / "train").glob("*.parquet")))
+    for i, start in enumerate(range(0, len(table), rows_per_shard)):
+        pq.write_table(table.slice(start, rows_per_shard), dst / "train" / f"part-{i:05d}.parquet")
+
+
+@pytest.mark.slow
+def test_killed_fit_round_resumes_without_redoing_shards(tiny_benchmark, tmp_path):
+    data = tmp_path / "data"
+    split_shards(tiny_benchmark, data, rows_per_shard=16)
+    shards = sorted(p.name for p in (data / "train").glob("*.parquet"))
+    config = config_for(data)
+    config.fit.batch_size = 16
+    config.fit.num_actors = 1
+    config.fit.smplify = {"stages": [{"name": "camera", "iterations": 30}, {"name": "body", "iterations": 60}]}
+    killed = tmp_path / "killed"
+    save_config(config, killed / "config.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "fit", "--round", "0", "--run", str(killed)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    fits_dir = rundir.step_dir(killed, 0, "fits")
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(fits_dir.glob("part-*.parquet"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = {p.name: p.stat().st_mtime_ns for p in fits_dir.glob("part-*.parquet")}
+    assert 2 <= len(committed) < len(shards), "the kill should land mid-round"
+    assert not rundir.is_done(killed, 0, "fits")
+
+    summary = fit_round(killed, 0, config, progress=False)
+    assert summary["shards_fitted_now"] == len(shards) - len(committed)
+    for name, mtime in committed.items():
+        assert (fits_dir / name).stat().st_mtime_ns == mtime, f"{name} was redone"
+
+    clean = tmp_path / "clean"
+    fit_round(clean, 0, config, progress=False)
+    a, b = read_fits(killed, 0), read_fits(clean, 0)
+    assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
+    for name in ("pose", "betas", "cam_t", "loss"):
+        np.testing.assert_allclose(to_numpy(a, name), to_numpy(b, name), rtol=1e-4, atol=1e-4)
+
+
+def test_corrupt_shard_is_one_clear_error(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "part-00000.parquet").write_bytes(b"PAR1 not really")
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "fit", "--round", "0", "--data",
+                             str(tmp_path / "data"), "--run", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "corrupt parquet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
