@@ -110,7 +110,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"backbone": "small", "img_res": 64, "batch_size": 8, "lr": 3e-4, "steps": 12,
              "num_workers": 0, "checkpoint_every": 6, "log_every": 2, "backbone_weights": "none"},
     # the demo and the ablation on a 2-core CPU: minutes
-    "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 600,
+    "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 500,
               "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none"},
     # the paper: ResNet-50 (ImageNet weights where cached), 224 px, batch 64, Adam 5e-5
     "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
