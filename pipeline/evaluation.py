@@ -37,15 +37,14 @@ def evaluate_round(run: Path, round_index: int, config: RunConfig, out_dir: Path
     if test_dir.is_dir():
         metrics["regressor"] = evaluate_regressor(regressor, [test_dir], body)
         write_overlays(regressor, [test_dir], body, out_dir / "regressor_overlays.png")
-    fits = read_fits(run, round_index)
-    truth_dir = Path(config.data) / "truth"
-    if truth_dir.is_dir():
-        truth = read_split(config.data, "truth")
-        metrics["fits"] = evaluate_fits(fits, truth, body)
-    else:
-        valid = to_numpy(fits, "valid")
-        metrics["fits"] = {"acceptance_rate": float(np.mean(valid)) if len(valid) else 0.0}
-    fit_overlay_grid(run, round_index, config, body, out_dir / "fit_overlays.png")
+    if rundir.is_done(run, round_index, "fits"):  # a 2D-only regressor has no fits
+        fits = read_fits(run, round_index)
+        if (Path(config.data) / "truth").is_dir():
+            metrics["fits"] = evaluate_fits(fits, read_split(config.data, "truth"), body)
+        else:
+            valid = to_numpy(fits, "valid")
+            metrics["fits"] = {"acceptance_rate": float(np.mean(valid)) if len(valid) else 0.0}
+        fit_overlay_grid(run, round_index, config, body, out_dir / "fit_overlays.png")
     rows = metrics_by_round(run) + [metrics]
     plot_metrics_by_round(sorted({r["round"]: r for r in rows}.values(), key=lambda r: r["round"]),
                           out_dir / "metrics_by_round.png")

@@ -1,0 +1,211 @@
+"""`spin-pipeline ablation`: the paper's Table 1 on the built-in benchmark.
+
+Three regressors with the same backbone, seeds and total number of training steps, trained on the
+train split's 2D keypoints only (no 3D truth in training):
+  2d-only   reprojection + pose and shape priors, no fits (the HMR-style baseline);
+  static    round-0 fits (SMPLify from the mean pose), all steps on them;
+  loop      K rounds of fit -> train, the steps split over the rounds, warm-starting each round.
+All are evaluated on the test split; the fits of every round against the train split's held-out
+truth; and SMPLify from the final network against SMPLify from the mean, on the same samples.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from pipeline import rundir
+from pipeline.config import RunConfig, apply_overrides, save_config
+from pipeline.demo import ensure_benchmark
+from pipeline.rounds import eval_round, headline, run_pipeline, train_config_for
+from pipeline.tracking import Tracker
+
+ARMS = ("2d-only", "static", "loop")
+TABLE_KEYS = (("mpjpe", "MPJPE"), ("pa_mpjpe", "PA-MPJPE"), ("pck", "PCK"), ("auc", "AUC"),
+              ("pa_pck", "PA-PCK"), ("pa_auc", "PA-AUC"), ("fg_accuracy", "FB acc"), ("fg_f1", "FB F1"),
+              ("parts_accuracy", "parts acc"), ("parts_f1", "parts F1"))
+
+
+def arm_config(base: RunConfig, arm: str, steps: int, rounds: int) -> RunConfig:
+    per_round = steps // rounds if arm == "loop" else steps
+    overrides: dict[str, Any] = {"train.steps": per_round}
+    if arm == "2d-only":
+        overrides["train.mode"] = "2d"
+    return apply_overrides(base, overrides)
+
+
+def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, Any]:
+    """The baseline: no fits at all, keypoints and priors only."""
+    from trainer.train import train_regressor
+
+    if rundir.is_done(run, 0, "model"):
+        return rundir.read_success(run, 0, "model")
+    train_config = train_config_for(config)
+    child = tracker.child("train-2d-only", train_config.to_dict())
+    data = Path(config.data) / "train"
+    summary = train_regressor(train_config, [data], None, rundir.step_dir(run, 0, "model"),
+                              log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
+    rundir.mark_done(run, 0, "model", {**summary, "round": 0})
+    tracker.finish(child)
+    return summary
+
+
+def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int = 256) -> dict[str, Any]:
+    """SMPLify from the mean vs from the final loop regressor, on the same train samples."""
+    import torch
+
+    from fitting.body_model import load_body_model
+    from fitting.camera import normalized_to_pixels
+    from fitting.priors import load_prior
+    from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init
+    from pipeline.evaluation import read_split
+    from trainer.evaluate import evaluate_fits
+    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+    from trainer.tables import FITS_SCHEMA, make_table, to_numpy
+    from trainer.train import load_regressor, predict
+
+    body, prior = load_body_model(config.body_model or None), load_prior(config.prior or None)
+    smplify = SmplifyConfig.from_dict(_smplify_dict(config))
+    samples = read_split(config.data, "train").slice(0, num)
+    keypoints = normalized_to_pixels(torch.from_numpy(to_numpy(samples, "keypoints").copy()))
+    mean = load_mean_params()
+    inits = {"mean": mean_init(body, torch.nan_to_num(keypoints), torch.as_tensor(mean_pose_axis_angle(mean)),
+                               torch.as_tensor(mean["shape"]))}
+    regressor = load_regressor(rundir.step_dir(loop_run, last_round, "model") / "checkpoint.pt")
+    pred = predict(regressor, samples)
+    inits["network"] = FitInit(*(torch.as_tensor(pred[k]) for k in ("pose", "betas", "cam_t")))
+    truth = read_split(config.data, "truth")
+    out = {}
+    for name, init in inits.items():
+        start = time.perf_counter()
+        result = fit(body, prior, keypoints, init, smplify)
+        seconds = time.perf_counter() - start
+        table = make_table({
+            "sample_id": samples.column("sample_id").to_pylist(), "pose": result.pose.numpy(),
+            "betas": result.betas.numpy(), "cam_t": result.cam_t.numpy(), "loss": result.loss.numpy(),
+            "joint_loss": result.joint_loss.numpy(), "valid": result.valid.numpy(),
+            "betas_ok": result.betas_ok.numpy(), "found_in_round": np.zeros(len(samples), np.int32),
+            "init": [name] * len(samples), "iterations": result.iterations.numpy().astype(np.int32),
+        }, FITS_SCHEMA)
+        out[name] = {**evaluate_fits(table, truth, body), "seconds": round(seconds, 2)}
+    return out
+
+
+def _smplify_dict(config: RunConfig) -> dict[str, Any]:
+    from fitting.smplify import SmplifyConfig
+
+    smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()
+    if config.fit.solver:
+        smplify["stages"] = [{**s, "solver": config.fit.solver} for s in smplify["stages"]]
+    return smplify
+
+
+def table_markdown(results: dict[str, Any]) -> str:
+    arms = results["arms"]
+    lines = ["| | " + " | ".join(label for _, label in TABLE_KEYS) + " |",
+             "|---|" + "---|" * len(TABLE_KEYS)]
+    for arm in ARMS:
+        reg = arms[arm]["regressor"]
+        cells = [("-" if reg.get(k) is None else f"{reg[k]:.1f}" if "mpjpe" in k or k in ("pck", "auc", "pa_pck", "pa_auc")
+                  else f"{reg[k]:.3f}") for k, _ in TABLE_KEYS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    ratios = results["ratios"]
+    lines += ["", f"PA-MPJPE ratios: static / 2d-only = {ratios['static_vs_2d']:.3f} (target <= 0.85), "
+                  f"loop / static = {ratios['loop_vs_static']:.3f} (target <= 0.90).", "",
+              "| round | fits acceptance | fits PA-MPJPE | regressor PA-MPJPE |", "|---|---|---|---|"]
+    for row in arms["loop"]["rounds"]:
+        lines.append(f"| {row['round']} | {row['fit_acceptance']:.3f} | {row['fit_pa_mpjpe']:.1f} | {row['reg_pa_mpjpe']:.1f} |")
+    init = results["init_comparison"]
+    lines += ["", "| SMPLify init | PA-MPJPE | MPJPE | acceptance | mean loss |", "|---|---|---|---|---|"]
+    for name in ("mean", "network"):
+        r = init[name]
+        lines.append(f"| {name} | {r['pa_mpjpe']:.1f} | {r['mpjpe']:.1f} | {r['acceptance_rate']:.3f} | {r['mean_loss']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out_png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["arms"]["loop"]["rounds"]
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(rounds, [r["reg_pa_mpjpe"] for r in rows], marker="o", label="in the loop: regressor")
+    ax.plot(rounds, [r["fit_pa_mpjpe"] for r in rows], marker="s", label="in the loop: fits")
+    for arm, style in (("static", "--"), ("2d-only", ":")):
+        ax.axhline(results["arms"][arm]["regressor"]["pa_mpjpe"], linestyle=style, color="gray", label=f"{arm}: regressor")
+    ax.set_xlabel("round"), ax.set_ylabel("PA-MPJPE (mm)"), ax.set_xticks(rounds), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+@click.command("ablation")
+@click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+              help="Benchmark and trainer preset.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="spin-ablation", show_default=True,
+              help="Output folder: data/, one run per arm, ablation.json/.md, mlflow.db.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Rounds of the in-the-loop arm.")
+@click.option("--steps", type=int, help="Total training steps per arm (default: rounds x the preset's steps).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Benchmark and training seed.")
+@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
+@click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
+def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address):
+    """2D-only vs static fits vs fitting in the loop, as in SPIN's Table 1, on the built-in
+    benchmark. Writes OUT/ablation.json, OUT/ablation.md and a plot; all arms are comparable runs in
+    OUT/mlflow.db (experiment 'ablation'). Rerunning resumes finished steps."""
+    from trainer.train import TRAIN_PRESETS
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    dataset = ensure_benchmark(out / "data", preset, seed)
+    steps = steps or rounds * int(TRAIN_PRESETS[preset]["steps"])
+    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    base = RunConfig.from_dict({"data": str((out / "data").resolve()), "rounds": rounds, "seed": seed,
+                                "train_preset": preset, "fit": {"solver": solver or ""},
+                                "tracking": {"experiment": "ablation", "tracking_uri": uri}})
+    results: dict[str, Any] = {"preset": preset, "rounds": rounds, "total_steps": steps, "seed": seed,
+                               "dataset": dataset.get("counts"), "arms": {}}
+    for arm in ("static", "loop", "2d-only"):
+        run = out / arm
+        config = arm_config(base, arm, steps, rounds)
+        save_config(config, run / "config.yaml")
+        tracker = Tracker(run, "ablation", uri, run_name=arm, params={"arm": arm, **config.to_dict()})
+        click.echo(f"== {arm}")
+        if arm == "2d-only":
+            train_2d_only(run, config, tracker)
+            metrics = eval_round(run, 0, config, tracker)
+            results["arms"][arm] = {"regressor": metrics["regressor"]}
+            continue
+        if arm == "loop" and not rundir.is_done(run, 0, "fits"):
+            # round 0 is the static arm's fit round, the same computation: share it
+            shutil.copytree(rundir.step_dir(out / "static", 0, "fits"), rundir.step_dir(run, 0, "fits"), dirs_exist_ok=True)
+        arm_rounds = rounds if arm == "loop" else 1
+        rows = run_pipeline(run, config, arm_rounds, ray_address=ray_address, tracker=tracker)
+        per_round = [{"round": r["round"], **headline(r["eval"])} for r in rows]
+        results["arms"][arm] = {"regressor": rows[-1]["eval"]["regressor"], "fits": rows[-1]["eval"].get("fits"),
+                                "rounds": per_round}
+    reg = {arm: results["arms"][arm]["regressor"]["pa_mpjpe"] for arm in ARMS}
+    results["ratios"] = {"static_vs_2d": reg["static"] / reg["2d-only"], "loop_vs_static": reg["loop"] / reg["static"]}
+    fits_rounds = [r["fit_pa_mpjpe"] for r in results["arms"]["loop"]["rounds"]]
+    results["fits_pa_mpjpe_falls"] = bool(fits_rounds[-1] < fits_rounds[0])
+    results["init_comparison"] = init_comparison(out / "loop", arm_config(base, "loop", steps, rounds), rounds - 1)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["command"] = f"spin-pipeline ablation --preset {preset} --rounds {rounds} --steps {steps} --seed {seed}" + (
+        f" --solver {solver}" if solver else "")
+    (out / "ablation.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "ablation.md").write_text(table_markdown(results))
+    png = plot(results, out / "ablation_pa_mpjpe.png")
+    loop_tracker = Tracker(out / "loop", "ablation", uri)
+    loop_tracker.log_artifact(loop_tracker.parent_id, png)
+    loop_tracker.log_artifact(loop_tracker.parent_id, out / "ablation.md")
+    click.echo(table_markdown(results))
+    click.echo(f"wrote {out / 'ablation.json'} ({results['seconds']:.0f} s)")
