@@ -226,6 +226,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module in ("copy_reg", "copyreg") and name == "_reconstructor":
             import copyreg
             return copyreg._reconstructor
+        if module == "_codecs" and name == "encode":  # how protocol-2 pickles store numpy bytes
+            import codecs
+            return codecs.encode
         if module in ("__builtin__", "builtins") and name in ("object", "set", "frozenset", "slice"):
             import builtins
             return getattr(builtins, name)

@@ -154,7 +154,7 @@ def test_builtin_posing_does_not_tear(builtin):
 
 # ---------------------------------------------------------------------- official .pkl layout
 
-def _official_pickle(path, arrays):
+def _official_pickle(path, arrays, protocol=4):
     """Write `arrays` the way an official SMPL .pkl holds them: chumpy objects for the dense
     arrays, a scipy sparse J_regressor. chumpy itself is not needed: a stand-in class whose
     module is `chumpy.ch` is registered only while dumping."""
@@ -180,7 +180,7 @@ def _official_pickle(path, arrays):
             "bs_style": "lbs", "bs_type": "lrotmin",
         }
         with open(path, "wb") as fh:
-            pickle.dump(raw, fh, protocol=4)
+            pickle.dump(raw, fh, protocol=protocol)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -189,10 +189,11 @@ def _official_pickle(path, arrays):
                 sys.modules[key] = value
 
 
-def test_official_pickle_converts_only_with_opt_in(tmp_path, capsys):
+@pytest.mark.parametrize("protocol", [2, 4])  # 2: as official files re-saved by Python 3
+def test_official_pickle_converts_only_with_opt_in(tmp_path, capsys, protocol):
     arrays = make_toy_smpl(num_vertices=6890, seed=2)
     pkl = tmp_path / "SMPL_NEUTRAL.pkl"
-    _official_pickle(pkl, arrays)
+    _official_pickle(pkl, arrays, protocol)
     out = tmp_path / "smpl.npz"
 
     code, _, err = run_cli(["body-model", "convert", str(pkl), str(out)], capsys)
