@@ -200,6 +200,61 @@ def _build_regressor(config: TrainConfig, init_checkpoint: Path | None) -> Regre
     return regressor
 
 
+class _Meter:
+    """Running means of the per-step values: a logging window and the current epoch."""
+
+    def __init__(self) -> None:
+        self.window: dict[str, list[float]] = {}
+        self.epoch: dict[str, list[float]] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.window.setdefault(name, []).append(value)
+            self.epoch.setdefault(name, []).append(value)
+
+    @staticmethod
+    def means(values: dict[str, list[float]], prefix: str) -> dict[str, float]:
+        return {f"{prefix}{k}": float(np.mean(v)) for k, v in values.items()}
+
+
+def _train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                body_model: torch.nn.Module, config: TrainConfig, prior: torch.nn.Module | None, step: int) -> dict[str, float]:
+    """One optimizer step; returns the total and each term's batch value."""
+    out = regressor(normalize_images(batch["image"]))
+    result = compute_losses(out, batch, body_model, config.weights, config.mode, prior)
+    if not torch.isfinite(result.total):
+        raise BadInput(f"training diverged at step {step} (loss {float(result.total)}); try a lower lr")
+    optimizer.zero_grad(set_to_none=True)
+    result.total.backward()
+    optimizer.step()
+    return {"loss": float(result.total.detach()), **result.batch_values()}
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _resume(last: Path, config: TrainConfig, regressor: Regressor, optimizer: torch.optim.Optimizer,
+            device: torch.device) -> int:
+    """Load last.pt into the regressor, the optimizer and the RNG; returns its step."""
+    state = read_checkpoint(last, device)
+    if _comparable(state["train_config"]) != _comparable(config.to_dict()):
+        raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
+    regressor.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
 def train_regressor(
     config: TrainConfig | dict[str, Any],
     samples_dirs: list[Path],
@@ -210,8 +265,11 @@ def train_regressor(
     prior: torch.nn.Module | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train for `config.steps` steps; see the module docstring. Returns a summary: steps,
-    seconds, images_per_s, final_losses (batch values of the last logging window), samples."""
+    """Train for `config.steps` steps; see the module docstring.
+
+    log_metrics(metrics, step) gets train/<term> means every `log_every` steps (and at the end)
+    and epoch/<term> means when an epoch ends. Returns a summary: steps, seconds, images_per_s,
+    final_losses (the last logging window), sample counts, backbone weights, device."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if config.mode == "fits" and fits is None:
         raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
@@ -221,8 +279,7 @@ def train_regressor(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    samples = read_samples(samples_dirs)
-    dataset = SamplesDataset(samples, fits if config.mode == "fits" else None, config.img_res,
+    dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
                              augment=config.augment if config.use_augmentation else None, seed=config.seed)
     if body_model is None:
         from fitting.body_model import load_body_model
@@ -235,63 +292,40 @@ def train_regressor(
 
     regressor = _build_regressor(config, Path(init_checkpoint) if init_checkpoint else None).to(device)
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
-    start, resumed = 0, None
     last = out_dir / "last.pt"
-    if last.is_file():
-        state = read_checkpoint(last, device)
-        if _comparable(state["train_config"]) != _comparable(config.to_dict()):
-            raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
-        regressor.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"].cpu())
-        start = resumed = int(state["step"])
+    start = _resume(last, config, regressor, optimizer, device) if last.is_file() else 0
 
     sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
     loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
     regressor.train()
-    window: dict[str, list[float]] = {}
-    epoch_sums: dict[str, float] = {}
-    epoch_batches = 0
-    images, started = 0, time.perf_counter()
-    step = start
+    meter = _Meter()
+    images, started, step = 0, time.perf_counter(), start
     with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step") as bar:
         for batch in loader:
-            batch = _to_device(batch, device)
-            out = regressor(normalize_images(batch["image"]))
-            result = compute_losses(out, batch, body_model, config.weights, config.mode, prior)
-            if not torch.isfinite(result.total):
-                raise FloatingPointError(f"training diverged at step {step} (loss {float(result.total)})")
-            optimizer.zero_grad(set_to_none=True)
-            result.total.backward()
-            optimizer.step()
+            values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
             step += 1
             images += len(batch["image"])
-            values = {"loss": float(result.total.detach()), **result.batch_values()}
-            for name, value in values.items():
-                window.setdefault(name, []).append(value)
-                epoch_sums[name] = epoch_sums.get(name, 0.0) + value
-            epoch_batches += 1
+            meter.add(values)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4g}")
-            if log_metrics and (step % config.log_every == 0 or step == config.steps):
-                rate = images / max(time.perf_counter() - started, 1e-9)
-                log_metrics({**{f"train/{k}": float(np.mean(v)) for k, v in window.items()},
-                             "train/images_per_s": rate}, step)
-            if step % config.log_every == 0 and step != config.steps:
-                window = {}
-            if sampler.epoch_of(step) != sampler.epoch_of(step - 1) or step == config.steps:
+            done = step == config.steps
+            if step % config.log_every == 0 or done:
                 if log_metrics:
-                    log_metrics({**{f"epoch/{k}": v / epoch_batches for k, v in epoch_sums.items()},
-                                 "epoch": float(sampler.epoch_of(step - 1))}, step)
-                epoch_sums, epoch_batches = {}, 0
-            if step % config.checkpoint_every == 0 and step != config.steps:
-                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(),
-                                         rng=torch.get_rng_state()), last)
+                    rate = images / max(time.perf_counter() - started, 1e-9)
+                    log_metrics({**meter.means(meter.window, "train/"), "train/images_per_s": rate}, step)
+                if not done:
+                    meter.window = {}
+            if sampler.epoch_of(step) != sampler.epoch_of(step - 1) or done:
+                if log_metrics:
+                    log_metrics({**meter.means(meter.epoch, "epoch/"), "epoch": float(sampler.epoch_of(step - 1))}, step)
+                meter.epoch = {}
+            if step % config.checkpoint_every == 0 and not done:
+                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state()), last)
     seconds = time.perf_counter() - started
     summary = {
-        "steps": step, "trained_steps": step - start, "resumed_from": resumed,
+        "steps": step, "trained_steps": step - start, "resumed_from": start or None,
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
-        "final_losses": {k: float(np.mean(v)) for k, v in window.items()},
+        "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
         "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
         "fitted_samples": int(dataset.targets["pose_valid"].sum()),
         "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
