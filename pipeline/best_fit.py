@@ -7,7 +7,6 @@ under the same keypoints, or a quarantine reason.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from fitting.camera import IMG_RES, estimate_translation, normalized_to_pixels
 from fitting.priors import load_prior
 from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
 from pipeline import rundir
+from trainer import storage
 from trainer.tables import FITS_SCHEMA, make_table, read_table, to_numpy
 
 
@@ -41,7 +41,8 @@ class BatchFitter:
         self.regressor = None
         if spec.checkpoint:
             from trainer.train import load_regressor
-            self.regressor = load_regressor(spec.checkpoint, device=self.device)
+            # a checkpoint on an object store is read from a local copy, once per machine
+            self.regressor = load_regressor(storage.local_copy(spec.checkpoint), device=self.device)
         from trainer.mean_params import load_mean_params, mean_pose_axis_angle
         mean = load_mean_params()
         self.mean_pose = torch.as_tensor(mean_pose_axis_angle(mean), dtype=torch.float32)
@@ -138,8 +139,8 @@ class BatchFitter:
     def _previous_fits(self, shard: str):
         """The previous round's best fits of one shard, indexed by sample id (cached per actor)."""
         if shard not in self._previous:
-            path = rundir.step_dir(Path(self.spec.run), self.spec.round_index - 1, "fits") / shard
-            if self.spec.round_index == 0 or not path.exists():
+            path = storage.join(rundir.step_dir(self.spec.run, self.spec.round_index - 1, "fits"), shard)
+            if self.spec.round_index == 0 or not storage.exists(path):
                 self._previous[shard] = ({}, {}, None)
             else:
                 table = read_table(path, FITS_SCHEMA)

@@ -14,32 +14,37 @@ from fitting.camera import FOCAL_LENGTH, IMG_RES
 from pipeline import rundir
 from pipeline.config import RunConfig
 from pipeline.report import metrics_by_round, plot_metrics_by_round
+from trainer import storage
+from trainer.storage import Location
 from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
 
 
-def read_split(data: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
+def read_split(data: str | Location, split: str, columns: list[str] | None = None) -> pa.Table:
     paths = shard_paths(data, split)
     tables = [read_table(p, SAMPLES_SCHEMA) for p in paths]
     table = concat(tables, SAMPLES_SCHEMA)
     return table.select(columns) if columns else table
 
 
-def evaluate_round(run: Path, round_index: int, config: RunConfig, out_dir: Path) -> dict[str, Any]:
+def evaluate_round(run: Location, round_index: int, config: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Metrics of round N; the pictures go to the local folder `out_dir`. The run and the data
+    may be URIs."""
     from pipeline.fit_stage import read_fits
     from trainer.evaluate import evaluate_fits, evaluate_regressor, write_overlays
     from trainer.train import load_regressor
 
     out_dir.mkdir(parents=True, exist_ok=True)
     body = load_body_model(config.body_model or None)
-    regressor = load_regressor(rundir.step_dir(run, round_index, "model") / "checkpoint.pt")
+    checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
+    regressor = load_regressor(storage.local_copy(checkpoint))
     metrics: dict[str, Any] = {"round": round_index}
-    test_dir = Path(config.data) / "test"
-    if test_dir.is_dir():
+    test_dir = storage.join(config.data, "test")
+    if storage.is_dir(test_dir):
         metrics["regressor"] = evaluate_regressor(regressor, [test_dir], body)
         write_overlays(regressor, [test_dir], body, out_dir / "regressor_overlays.png")
     if rundir.is_done(run, round_index, "fits"):  # a 2D-only regressor has no fits
         fits = read_fits(run, round_index)
-        if (Path(config.data) / "truth").is_dir():
+        if storage.is_dir(storage.join(config.data, "truth")):
             metrics["fits"] = evaluate_fits(fits, read_split(config.data, "truth"), body)
         else:
             valid = to_numpy(fits, "valid")
@@ -58,7 +63,7 @@ def overlay_ids(config: RunConfig) -> list[str]:
     return ids[: config.tracking.overlay_samples]
 
 
-def fit_overlay_grid(run: Path, round_index: int, config: RunConfig, body, out_png: Path) -> Path | None:
+def fit_overlay_grid(run: Location, round_index: int, config: RunConfig, body, out_png: Path) -> Path | None:
     """Rows: the fixed samples; columns: the image, then their best fit after each round 0..N."""
     import cv2
     import torch

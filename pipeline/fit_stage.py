@@ -8,21 +8,20 @@ prediction. Samples with ground truth take it as their fit, as SPIN does.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fitting.errors import BadInput
 from pipeline import rundir
 from pipeline.config import RunConfig
+from trainer import storage
+from trainer.storage import Location
 from trainer.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table, shard_paths, write_table
 
 OUTPUT_SCHEMA = FITS_SCHEMA.append(pa.field("shard", pa.string())).append(pa.field("reason", pa.string()))
@@ -33,7 +32,7 @@ FIT_COLUMNS = ["sample_id", "keypoints", "has_smpl", "pose", "betas"]
 class FitterSpec:
     """Everything an actor needs to build its fitter; plain data so that Ray can ship it."""
     round_index: int
-    run: str
+    run: str                      # a local path or a URI
     smplify: dict[str, Any]
     checkpoint: str = ""          # regressor N-1; empty for round 0
     body_model: str = ""          # empty: the built-in model
@@ -76,7 +75,7 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
     return {"actors": actors, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": gpus_per_actor}
 
 
-def make_spec(run: Path, round_index: int, config: RunConfig, device: str, threads: int) -> FitterSpec:
+def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int) -> FitterSpec:
     from fitting.smplify import SmplifyConfig
 
     smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()  # a bad config fails here, not in an actor
@@ -85,13 +84,13 @@ def make_spec(run: Path, round_index: int, config: RunConfig, device: str, threa
         SmplifyConfig.from_dict(smplify)
     checkpoint = ""
     if round_index > 0:
-        checkpoint = str(rundir.step_dir(run, round_index - 1, "model") / "checkpoint.pt")
+        checkpoint = str(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
     return FitterSpec(round_index=round_index, run=str(run), smplify=smplify, checkpoint=checkpoint,
                       body_model=config.body_model, prior=config.prior, device=device, threads=threads)
 
 
-def check_inputs(run: Path, round_index: int, shards: list[Path]) -> None:
-    names = [p.name for p in shards]
+def check_inputs(run: Location, round_index: int, shards: list[Location]) -> None:
+    names = [storage.basename(p) for p in shards]
     if len(set(names)) != len(names):
         raise BadInput("sample shards must have unique file names")
     if round_index > 0:
@@ -100,31 +99,32 @@ def check_inputs(run: Path, round_index: int, shards: list[Path]) -> None:
                 raise BadInput(f"round {round_index} needs round {round_index - 1}'s {step} step first")
     for path in shards:
         try:
-            pq.ParquetFile(path)
+            storage.parquet_metadata(path)
         except Exception as exc:  # noqa: BLE001 - any parquet failure is a corrupt input
             raise BadInput(f"{path}: corrupt parquet file ({' '.join(str(exc).split())[:160]})") from exc
 
 
 def fit_round(
-    run: Path, round_index: int, config: RunConfig, ray_address: str | None = None,
+    run: Location, round_index: int, config: RunConfig, ray_address: str | None = None,
     force: bool = False, progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) fit round `round_index`; a finished round is a no-op unless `force`."""
-    run = Path(run)
+    run = storage.location(run)
     out_dir = rundir.step_dir(run, round_index, "fits")
     if rundir.is_done(run, round_index, "fits") and not force:
         return {**rundir.read_success(run, round_index, "fits"), "skipped": True}
-    if force and out_dir.exists():
-        shutil.rmtree(out_dir)
+    if force:
+        storage.delete_dir(out_dir)
     if not config.data:
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
     shards = shard_paths(config.data, "train")
     check_inputs(run, round_index, shards)
-    pending = [p for p in shards if not (out_dir / p.name).exists()]
+    committed = set(committed_shards(out_dir))  # one listing: what a killed round already wrote
+    pending = [p for p in shards if storage.basename(p) not in committed]
     start = time.perf_counter()
     if pending:
         _fit_shards(run, round_index, config, pending, out_dir, ray_address, progress)
-    summary = summarize(out_dir, [p.name for p in shards])
+    summary = summarize(out_dir, [storage.basename(p) for p in shards])
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
                    shards_fitted_now=len(pending), shards=len(shards))
     rundir.mark_done(run, round_index, "fits", summary)
@@ -142,10 +142,11 @@ def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progres
     threads = max(1, int(round(plan["cpus_per_actor"] + (1.0 / plan["actors"]))))
     spec = make_spec(run, round_index, config, device, threads)
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
-    present = set(pq.ParquetFile(pending[0]).schema_arrow.names)
+    present = set(storage.parquet_metadata(pending[0]).schema.to_arrow_schema().names)
     columns = [c for c in columns if c in present]
-    expected = {p.name: pq.ParquetFile(p).metadata.num_rows for p in pending}
-    ds = ray.data.read_parquet([str(p) for p in pending], columns=columns, include_paths=True,
+    expected = {storage.basename(p): storage.parquet_metadata(p).num_rows for p in pending}
+    filesystem, paths = storage.resolve_all(pending)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, include_paths=True,
                                num_cpus=0.1, override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=config.fit.batch_size,
@@ -160,7 +161,8 @@ def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progres
             counts[name] += len(part)
             if counts[name] == expected[name]:
                 commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
-    missing = sorted(n for n in expected if not (out_dir / n).exists())
+    done = set(committed_shards(out_dir))
+    missing = sorted(n for n in expected if n not in done)
     if missing:
         raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
 
@@ -170,8 +172,14 @@ def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
     return [(name, block.filter(pa.array(names == name))) for name in dict.fromkeys(names.tolist())]
 
 
-def commit_shard(out_dir: Path, name: str, rows: pa.Table) -> None:
-    """Quarantine first, then the fits file: its existence is what marks the shard done."""
+def committed_shards(out_dir: Location) -> list[str]:
+    """Names of the shards whose fits file exists (a finished shard)."""
+    return [storage.basename(p) for p in storage.list_dir(out_dir) if storage.basename(p).endswith(".parquet")]
+
+
+def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
+    """Quarantine first, then the fits file: its existence is what marks the shard done. Both are
+    atomic (a rename locally, one PUT on an object store)."""
     reasons = rows.column("reason").to_pylist()
     bad = np.array([r is not None for r in reasons])
     if bad.any():
@@ -181,27 +189,33 @@ def commit_shard(out_dir: Path, name: str, rows: pa.Table) -> None:
             "source": pa.array([name] * len(quarantined)),
             "reason": quarantined.column("reason"),
         }, schema=QUARANTINE_SCHEMA)
-        write_table(table, out_dir / "quarantine" / name)
+        write_table(table, storage.join(out_dir, "quarantine", name))
     fits = rows.filter(pa.array(~bad)).select(FITS_SCHEMA.names).cast(FITS_SCHEMA)
-    write_table(fits, out_dir / name)
+    write_table(fits, storage.join(out_dir, name))
 
 
-def read_fits(run: Path, round_index: int) -> pa.Table:
+def read_fits(run: Location, round_index: int) -> pa.Table:
     """The best-fit table of a finished round (all shards)."""
     if not rundir.is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}")
     out_dir = rundir.step_dir(run, round_index, "fits")
-    return concat([read_table(p, FITS_SCHEMA) for p in sorted(out_dir.glob("part-*.parquet"))], FITS_SCHEMA)
+    paths = [p for p in storage.list_dir(out_dir) if _is_part(storage.basename(p))]
+    return concat([read_table(p, FITS_SCHEMA) for p in paths], FITS_SCHEMA)
 
 
-def read_quarantine(out_dir: Path) -> pa.Table:
-    paths = sorted((out_dir / "quarantine").glob("*.parquet"))
+def _is_part(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def read_quarantine(out_dir: Location) -> pa.Table:
+    paths = [p for p in storage.list_dir(storage.join(out_dir, "quarantine")) if str(p).endswith(".parquet")]
     return concat([read_table(p, QUARANTINE_SCHEMA) for p in paths], QUARANTINE_SCHEMA)
 
 
-def summarize(out_dir: Path, shard_names: list[str]) -> dict[str, Any]:
-    tables = [pq.read_table(out_dir / n, columns=["loss", "valid", "betas_ok", "found_in_round", "init"])
-              for n in shard_names if (out_dir / n).exists()]
+def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
+    done = set(committed_shards(out_dir))
+    columns = ["loss", "valid", "betas_ok", "found_in_round", "init"]
+    tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in shard_names if n in done]
     table = pa.concat_tables(tables) if tables else None
     quarantine = read_quarantine(out_dir)
     summary: dict[str, Any] = {"rows": 0, "quarantined": len(quarantine)}
@@ -228,8 +242,8 @@ def summarize(out_dir: Path, shard_names: list[str]) -> dict[str, Any]:
 
 @click.command("fit")
 @click.option("--round", "round_index", type=int, required=True, help="Round N: 0 fits from the mean pose, N>=1 from regressor N-1.")
-@click.option("--data", type=click.Path(file_okay=False), help="Samples directory (its train/ split is fitted).")
-@click.option("--run", "run_dir", type=click.Path(file_okay=False), required=True, help="Run directory (created if needed).")
+@click.option("--data", type=click.Path(file_okay=False), help="Samples directory or URI (its train/ split is fitted).")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), required=True, help="Run directory or URI, e.g. s3://bucket/runs/exp1 (created if needed).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run YAML; default RUN/config.yaml when present.")
 @click.option("--ray-address", default=None, help="Ray cluster address ('auto' inside a cluster); default: a local Ray sized to this machine.")
 @click.option("--batch-size", type=int, help="Samples per SMPLify batch in an actor.")
@@ -245,7 +259,7 @@ def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_ac
     """
     from pipeline.rounds import resolve_config
 
-    run = Path(run_dir)
+    run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
                                                "fit.num_actors": num_actors, "fit.solver": solver})
     summary = fit_round(run, round_index, config, ray_address=ray_address, force=force)

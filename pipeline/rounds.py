@@ -5,31 +5,54 @@ and `eval` commands.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from fitting.errors import BadInput
 from pipeline import rundir
 from pipeline.config import RunConfig, apply_overrides, load_config, save_config
 from pipeline.tracking import Tracker
+from trainer import storage
+from trainer.storage import Location
 
 
-def resolve_config(run: Path, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml."""
-    run = Path(run)
-    saved = run / "config.yaml"
+def read_config(path: str | Location) -> RunConfig:
+    """A run YAML from a local path or a URI."""
+    path = storage.location(path)
+    if not storage.is_uri(path):
+        return load_config(path)
+    if not storage.is_file(path):
+        raise BadInput(f"config not found: {path}")
+    try:
+        data = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
+    return RunConfig.from_dict(data)
+
+
+def write_config(config: RunConfig, path: Location) -> None:
+    if storage.is_uri(path):
+        storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    else:
+        save_config(config, path)
+
+
+def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml.
+    RUN, the data directory and FILE may be URIs."""
+    saved = storage.join(run, "config.yaml")
     if config_path:
-        base = load_config(config_path)
-    elif saved.exists():
-        base = load_config(saved)
+        base = read_config(config_path)
+    elif storage.exists(saved):
+        base = read_config(saved)
     else:
         base = RunConfig()
     config = apply_overrides(base, overrides)
-    if config.data and not Path(config.data).is_dir():
+    if config.data and not storage.is_dir(config.data):
         raise BadInput(f"data directory not found: {config.data}")
-    save_config(config, saved)
+    write_config(config, saved)
     return config
 
 
@@ -43,19 +66,19 @@ def train_config_for(config: RunConfig):
     return TrainConfig.from_dict(merged)
 
 
-def data_dir(config: RunConfig, split: str) -> Path:
+def data_dir(config: RunConfig, split: str) -> Location:
     if not config.data:
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
-    path = Path(config.data) / split
-    return path if path.is_dir() else Path(config.data)
+    path = storage.join(config.data, split)
+    return path if storage.is_dir(path) else storage.location(config.data)
 
 
-def train_round(run: Path, round_index: int, config: RunConfig, tracker: Tracker | None = None,
+def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                 force: bool = False) -> dict[str, Any]:
     from pipeline.fit_stage import read_fits
     from trainer.train import train_regressor
 
-    out_dir = rundir.step_dir(run, round_index, "model")
+    out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
     if rundir.is_done(run, round_index, "model") and not force:
         return {**rundir.read_success(run, round_index, "model"), "skipped": True}
     rundir.clear_success(run, round_index, "model")
@@ -63,14 +86,15 @@ def train_round(run: Path, round_index: int, config: RunConfig, tracker: Tracker
     train_config = train_config_for(config)
     init = None
     if round_index > 0:
-        init = rundir.step_dir(run, round_index - 1, "model") / "checkpoint.pt"
         if not rundir.is_done(run, round_index - 1, "model"):
             raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
+        init = storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
     child = tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict()}) if tracker else None
     log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if tracker else None
     summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
                               init_checkpoint=init, log_metrics=log)
     summary = {**summary, "round": round_index}
+    rundir.publish(out_dir, run, round_index, "model", ["checkpoint.pt"])  # before _SUCCESS.json
     rundir.mark_done(run, round_index, "model", summary)
     if tracker:
         tracker.log_dict(child, summary, "summary.json")
@@ -78,16 +102,17 @@ def train_round(run: Path, round_index: int, config: RunConfig, tracker: Tracker
     return summary
 
 
-def eval_round(run: Path, round_index: int, config: RunConfig, tracker: Tracker | None = None,
+def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                force: bool = False) -> dict[str, Any]:
     """Regressor N and fits N against ground truth; writes metrics and overlay pictures."""
     from pipeline.evaluation import evaluate_round
 
     if rundir.is_done(run, round_index, "eval") and not force:
         return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
-    out_dir = rundir.step_dir(run, round_index, "eval")
+    out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
     child = tracker.child(f"eval-round{round_index}", {"round": round_index}) if tracker else None
     metrics = evaluate_round(run, round_index, config, out_dir)
+    rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
     rundir.mark_done(run, round_index, "eval", metrics)
     if tracker:
         tracker.log_metrics(child, metrics, step=round_index)
@@ -109,7 +134,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def run_pipeline(run: Path, config: RunConfig, rounds: int, ray_address: str | None = None,
+def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
     """Fit and train (and evaluate) round after round, skipping finished steps."""
     from pipeline.fit_stage import fit_round
@@ -137,8 +162,8 @@ def run_pipeline(run: Path, config: RunConfig, rounds: int, ray_address: str | N
 
 
 _common = [
-    click.option("--data", type=click.Path(file_okay=False), help="Samples directory (train/ and test/ splits)."),
-    click.option("--run", "run_dir", type=click.Path(file_okay=False), required=True, help="Run directory."),
+    click.option("--data", type=click.Path(file_okay=False), help="Samples directory or URI (train/ and test/ splits)."),
+    click.option("--run", "run_dir", type=click.Path(file_okay=False), required=True, help="Run directory or URI (s3://...)."),
     click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run YAML (default RUN/config.yaml when present)."),
 ]
 
@@ -161,7 +186,7 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
 
     Writes RUN/round=N/model/checkpoint.pt and _SUCCESS.json; resumes from its last checkpoint.
     """
-    run = Path(run_dir)
+    run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
                                                "train.device": device})
     if not rundir.is_done(run, round_index, "fits"):
@@ -169,7 +194,7 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
     tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
     summary = train_round(run, round_index, config, tracker, force=force)
     click.echo(f"train round {round_index} {'already done' if summary.get('skipped') else 'done'}: "
-               f"{rundir.step_dir(run, round_index, 'model') / 'checkpoint.pt'}")
+               f"{storage.join(rundir.step_dir(run, round_index, 'model'), 'checkpoint.pt')}")
 
 
 @click.command("run")
@@ -182,7 +207,7 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
 def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
     """The alternating driver: fit 0, train 0, eval 0, fit 1, ... Resumes at the first step without
     _SUCCESS.json; logs a parent MLflow run with a child per step."""
-    path = Path(run_dir)
+    path = storage.location(run_dir)
     config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
                                                 "fit.solver": solver})
     results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
@@ -198,7 +223,7 @@ def evaluate(round_index, data, run_dir, config_path, force):
     """MPJPE, PA-MPJPE, PCK/AUC (before/after alignment) and segmentation of regressor N on the test
     split, and the 3D error of round N's fits against the held-out truth. Writes
     RUN/round=N/eval/_SUCCESS.json and overlay PNGs."""
-    run = Path(run_dir)
+    run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data})
     metrics = eval_round(run, round_index, config, None, force=force)
     from pipeline.report import format_metrics

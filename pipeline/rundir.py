@@ -9,66 +9,81 @@
     RUN/round=N/eval/_SUCCESS.json       metrics of regressor N and fits N on the test split
 
 A step is done when its _SUCCESS.json exists; readers ignore a round without one.
+RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.storage.
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fitting.errors import BadInput
+from trainer import storage
+from trainer.storage import Location
 
 STEPS = ("fits", "model", "eval")
 SUCCESS = "_SUCCESS.json"
 
 
-def step_dir(run: Path, round_index: int, step: str) -> Path:
+def step_dir(run: Location, round_index: int, step: str) -> Location:
+    """RUN/round=N/step: a Path for a local run, a URI for a remote one."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step}")
-    return Path(run) / f"round={round_index}" / step
+    return storage.join(run, f"round={round_index}", step)
 
 
-def is_done(run: Path, round_index: int, step: str) -> bool:
-    return (step_dir(run, round_index, step) / SUCCESS).exists()
+def staging_dir(run: Location, round_index: int, step: str) -> Path:
+    """Where a step writes its local files: the step folder itself for a local run, else a stable
+    local folder whose files are uploaded when the step finishes."""
+    return storage.staging_dir(step_dir(run, round_index, step))
 
 
-def read_success(run: Path, round_index: int, step: str) -> dict[str, Any]:
-    path = step_dir(run, round_index, step) / SUCCESS
-    if not path.exists():
+def publish(staging: Path, run: Location, round_index: int, step: str, names: list[str]) -> None:
+    """Upload files of a step's staging folder to the run (nothing to do for a local run)."""
+    if not storage.is_uri(run):
+        return
+    target = step_dir(run, round_index, step)
+    for name in names:
+        storage.upload(staging / name, storage.join(target, name))
+
+
+def is_done(run: Location, round_index: int, step: str) -> bool:
+    return storage.is_file(storage.join(step_dir(run, round_index, step), SUCCESS))
+
+
+def read_success(run: Location, round_index: int, step: str) -> dict[str, Any]:
+    path = storage.join(step_dir(run, round_index, step), SUCCESS)
+    if not storage.is_file(path):
         raise BadInput(f"round {round_index} has no finished {step} step ({path} missing)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except json.JSONDecodeError as exc:
         raise BadInput(f"{path}: corrupt success marker") from exc
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
+def write_json_atomic(path: Location, payload: dict[str, Any]) -> None:
+    storage.write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=float))
 
 
-def mark_done(run: Path, round_index: int, step: str, summary: dict[str, Any]) -> None:
-    write_json_atomic(step_dir(run, round_index, step) / SUCCESS, {**summary, "code_version": code_version()})
+def mark_done(run: Location, round_index: int, step: str, summary: dict[str, Any]) -> None:
+    payload = {**summary, "code_version": code_version()}
+    write_json_atomic(storage.join(step_dir(run, round_index, step), SUCCESS), payload)
 
 
-def clear_success(run: Path, round_index: int, step: str) -> None:
-    path = step_dir(run, round_index, step) / SUCCESS
-    if path.exists():
-        path.unlink()
+def clear_success(run: Location, round_index: int, step: str) -> None:
+    storage.delete(storage.join(step_dir(run, round_index, step), SUCCESS))
 
 
-def finished_rounds(run: Path, step: str) -> list[int]:
-    run = Path(run)
+def finished_rounds(run: Location, step: str) -> list[int]:
     rounds = []
-    for child in run.glob("round=*"):
+    for child in storage.list_dir(run, kind="dir"):
+        name = storage.basename(child)
+        if not name.startswith("round="):
+            continue
         try:
-            index = int(child.name.split("=", 1)[1])
+            index = int(name.split("=", 1)[1])
         except ValueError:
             continue
         if is_done(run, index, step):

@@ -2,7 +2,7 @@
 
 Uses MlflowClient with explicit run ids (no global active-run stack), so a resumed pipeline
 appends to the same parent run. SQLite under the run directory by default; MLFLOW_TRACKING_URI
-(or the config) points at a team server.
+(or the config) points at a team server, which a run on an object store needs: SQLite cannot live there.
 """
 from __future__ import annotations
 
@@ -15,17 +15,22 @@ from typing import Any, Iterable
 import click
 
 from fitting.errors import BadInput
+from trainer import storage
+from trainer.storage import Location
 
 PARENT_ID_FILE = "mlflow_run_id.txt"
 
 
-def resolve_tracking_uri(run: Path | None, configured: str = "") -> str:
+def resolve_tracking_uri(run: Location | None, configured: str = "") -> str:
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if run is None:
         return "sqlite:///mlflow.db"
+    if storage.is_uri(run):
+        raise BadInput(f"run {run} is not a local directory, so it cannot hold the SQLite tracking store: "
+                       "set MLFLOW_TRACKING_URI (or tracking.tracking_uri in the config) to an MLflow server")
     Path(run).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(run).resolve() / 'mlflow.db'}"
 
@@ -52,23 +57,23 @@ def _numeric(values: dict[str, Any]) -> dict[str, float]:
 class Tracker:
     """The pipeline's MLflow parent run and its children."""
 
-    def __init__(self, run: Path, experiment: str, tracking_uri: str = "", run_name: str | None = None,
+    def __init__(self, run: Location, experiment: str, tracking_uri: str = "", run_name: str | None = None,
                  params: dict[str, Any] | None = None):
         from mlflow.tracking import MlflowClient
 
-        self.run_dir = Path(run)
+        self.run_dir = storage.location(run)
         self.uri = resolve_tracking_uri(self.run_dir, tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        id_file = self.run_dir / PARENT_ID_FILE
-        self.parent_id = id_file.read_text().strip() if id_file.exists() else ""
+        id_file = storage.join(self.run_dir, PARENT_ID_FILE)
+        self.parent_id = storage.read_text(id_file).strip() if storage.is_file(id_file) else ""
         if not self.parent_id or not self._exists(self.parent_id):
-            created = self.client.create_run(self.experiment_id, run_name=run_name or self.run_dir.name,
-                                             tags={"spin.run_dir": str(self.run_dir.resolve())})
+            where = self.run_dir.resolve() if isinstance(self.run_dir, Path) else self.run_dir
+            created = self.client.create_run(self.experiment_id, run_name=run_name or storage.basename(self.run_dir),
+                                             tags={"spin.run_dir": str(where)})
             self.parent_id = created.info.run_id
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(self.parent_id)
+            storage.write_text(id_file, self.parent_id)
             if params:
                 self.log_params(self.parent_id, params)
 
@@ -158,10 +163,12 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def compare(experiment, run_dir, tracking_uri, names, as_json):
     """MLflow runs side by side: rounds, fit acceptance, fit PA-MPJPE, regressor MPJPE/PA-MPJPE."""
-    if run_dir and not Path(run_dir).is_dir():
+    local = Path(run_dir) if run_dir and not storage.is_uri(run_dir) else None
+    if local and not local.is_dir():
         raise BadInput(f"run directory not found: {run_dir}")
-    if run_dir and not tracking_uri and not (Path(run_dir) / "mlflow.db").exists():
+    if local and not tracking_uri and not (local / "mlflow.db").exists():
         raise BadInput(f"{run_dir} has no mlflow.db")
-    uri = tracking_uri or resolve_tracking_uri(Path(run_dir) if run_dir else None)
+    # a run on an object store has no SQLite store: its MLflow server must be given
+    uri = tracking_uri or resolve_tracking_uri(storage.location(run_dir) if run_dir else None)
     rows = compare_runs(uri, experiment, names)
     click.echo(json.dumps(rows, indent=2) if as_json else format_rows(rows))

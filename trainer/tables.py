@@ -9,16 +9,14 @@ then a confidence (0 where absent).
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fitting.errors import BadInput
 from fitting.keypoints import NUM_KEYPOINTS
+from trainer import storage
 
 
 def _fixed(n: int) -> pa.DataType:
@@ -131,26 +129,19 @@ def to_numpy(table: pa.Table, name: str) -> np.ndarray:
 
 
 def write_table(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename, so that a reader
-    never mistakes a half-written file for a finished one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write atomically (a temporary file and a rename, or one object PUT for a URI), so that a
+    reader never mistakes a half-written file for a finished one."""
+    storage.write_parquet(table, path)
 
 
 def read_table(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa.Table:
-    """Read one parquet file, with a one-line BadInput for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.exists():
+    """Read one parquet file (a path or a URI), with a one-line BadInput for a missing, corrupt
+    or foreign file."""
+    path = storage.location(path)
+    if not storage.exists(path):
         raise BadInput(f"table not found: {path}")
     try:
-        table = pq.read_table(path)
+        table = storage.read_parquet(path)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise BadInput(f"{path}: corrupt parquet file ({' '.join(str(exc).split())[:200]})") from exc
     if schema is not None:
@@ -174,27 +165,28 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def shard_paths(directory: str | os.PathLike, split: str | None = None) -> list[Path]:
-    """The finished parquet shards of a samples directory (temporary files ignored), sorted.
+def shard_paths(directory: str | os.PathLike, split: str | None = None) -> list[storage.Location]:
+    """The finished parquet shards of a samples directory (temporary files ignored), sorted:
+    Paths for a local directory, URIs for a remote one.
 
     With `split`, the shards of DIR/split/ (the synthetic benchmark writes train/ and test/)."""
-    directory = Path(directory)
-    if split is not None and (directory / split).is_dir():
-        directory = directory / split
-    if not directory.is_dir():
+    directory = storage.location(directory)
+    if split is not None and storage.is_dir(storage.join(directory, split)):
+        directory = storage.join(directory, split)
+    if not storage.is_dir(directory):
         raise BadInput(f"data directory not found: {directory}")
-    paths = sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
+    paths = [p for p in storage.list_dir(directory) if storage.basename(p).endswith(".parquet")]
     if not paths:
         raise BadInput(f"no parquet shards in {directory}")
     return paths
 
 
-def write_shards(table: pa.Table, directory: str | os.PathLike, shard_size: int, prefix: str = "part") -> list[Path]:
+def write_shards(table: pa.Table, directory: str | os.PathLike, shard_size: int,
+                 prefix: str = "part") -> list[storage.Location]:
     """Split `table` into shards of at most `shard_size` rows: DIR/part-00000.parquet, ..."""
-    directory = Path(directory)
     paths = []
     for index, start in enumerate(range(0, max(len(table), 1), shard_size)):
-        path = directory / f"{prefix}-{index:05d}.parquet"
+        path = storage.join(directory, f"{prefix}-{index:05d}.parquet")
         write_table(table.slice(start, shard_size), path)
         paths.append(path)
     return paths
