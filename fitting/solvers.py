@@ -5,8 +5,9 @@ residual function params -> (B, M) whose squared sum is each sample's energy. Sa
 independent, so a solver may stop each one on its own; it returns the best parameters it saw
 per sample, that energy and how many iterations each sample took.
 
-Register another solver (say Levenberg-Marquardt, which needs exactly these residuals) with
-`register_solver(name, fn)`; stages pick it by name and no caller changes.
+Two solvers ship: `adam` (SPIN's) and `lm` (batched Levenberg-Marquardt on the same residuals,
+with the problem's closed-form normal equations where it has them, forward-mode autodiff
+otherwise). Register another with `register_solver(name, fn)`; stages pick it by name.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from fitting.errors import BadInput
+from fitting.lm import LMSettings, levenberg_marquardt
 
 if TYPE_CHECKING:
     from fitting.smplify import StageConfig
@@ -27,11 +29,18 @@ Params = dict[str, torch.Tensor]
 class StageProblem:
     """residuals(params, rows=None) -> (R, M) for the samples `rows` (a long index; None: all B),
     with every tensor in `params` holding just those samples; energy = sum of squares. A solver
-    that stops samples early can keep evaluating only the ones still running."""
+    that stops samples early can keep evaluating only the ones still running.
+
+    linearize(params, rows=None) -> (J^T r (R, n), J^T J (R, n, n)), optional: the Gauss-Newton
+    system of the same residuals over the free parameters, concatenated in `free` order; for
+    the axis-angle parameters named in `local_rotations` (each (B, 3k)) its columns are rotation
+    increments d on the left, so a step updates them as exp([d]) exp([theta])."""
     params: Params                                # every parameter's start value, (B, k) each
     free: tuple[str, ...]                         # the parameters this stage changes
     residuals: Callable[..., torch.Tensor]
     active: torch.Tensor                          # (B,) bool; inactive samples are left as they are
+    linearize: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    local_rotations: tuple[str, ...] = ()
 
     def energy(self, params: Params, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(R,) per-sample energy."""
@@ -70,7 +79,8 @@ def adam(problem: StageProblem, stage: "StageConfig") -> StageResult:
     """SPIN's solver: Adam on the summed energy for `stage.iterations` steps.
 
     Adam's update is elementwise, so summing the batch leaves every sample's trajectory as if
-    it were fitted alone. Options: beta1 (0.9), beta2 (0.999), eps (1e-8)."""
+    it were fitted alone. Options: beta1 (0.9), beta2 (0.999), eps (1e-8); other solvers'
+    options are ignored, so that a stage can switch solvers by name alone."""
     opts = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, **stage.options}
     fixed = {k: v.detach() for k, v in problem.params.items() if k not in problem.free}
     free = {k: problem.params[k].detach().clone().requires_grad_(True) for k in problem.free}
@@ -95,7 +105,97 @@ def adam(problem: StageProblem, stage: "StageConfig") -> StageResult:
     return StageResult({**fixed, **tracker.params}, tracker.energy, iterations)
 
 
-SOLVERS: dict[str, Solver] = {"adam": adam}
+def _split(problem: StageProblem, x: torch.Tensor, rows: torch.Tensor | None) -> Params:
+    """Flat (R, n) free values -> every parameter of the samples `rows`."""
+    out = {k: v if rows is None else v[rows] for k, v in problem.params.items() if k not in problem.free}
+    sizes = [problem.params[k].shape[1] for k in problem.free]
+    return {**out, **dict(zip(problem.free, x.split(sizes, dim=1)))}
+
+
+def autodiff_linearize(problem: StageProblem) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """J^T r and J^T J of `problem.residuals` with J from forward-mode autodiff: one tangent per
+    unknown, all samples at once (samples are independent, so column k of every sample's
+    Jacobian comes from the same tangent)."""
+    def linearize(params: Params, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([params[k] for k in problem.free], dim=1)
+        fixed = {k: v for k, v in params.items() if k not in problem.free}
+        sizes = [params[k].shape[1] for k in problem.free]
+
+        def residuals(flat: torch.Tensor) -> torch.Tensor:
+            return problem.residuals({**fixed, **dict(zip(problem.free, flat.split(sizes, dim=1)))}, rows)
+
+        r = residuals(x)
+        basis = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)[:, None, :].expand(-1, x.shape[0], -1)
+        jac = torch.func.vmap(lambda t: torch.func.jvp(residuals, (x,), (t,))[1])(basis).permute(1, 2, 0)
+        return (jac.mT @ r[..., None])[..., 0], jac.mT @ jac
+    return linearize
+
+
+def _quaternion(rotvec: torch.Tensor) -> torch.Tensor:
+    """(..., 3) axis-angle -> (..., 4) unit quaternion (x, y, z, w)."""
+    angle = rotvec.norm(dim=-1, keepdim=True)
+    small = angle < 1e-4
+    scale = torch.where(small, 0.5 - angle.square() / 48, torch.sin(0.5 * angle) / torch.where(small, 1.0, angle))
+    return torch.cat([rotvec * scale, torch.cos(0.5 * angle)], dim=-1)
+
+
+def compose_rotvec(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(..., 3), (..., 3) axis-angle -> (..., 3) axis-angle of R(left) R(right), angle in [0, pi]."""
+    (ax, ay, az, aw), (bx, by, bz, bw) = _quaternion(left).unbind(-1), _quaternion(right).unbind(-1)
+    q = torch.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+                     aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], dim=-1)
+    q = torch.where(q[..., 3:] < 0, -q, q)                       # the shorter of the two angles
+    vector = q[..., :3].norm(dim=-1, keepdim=True)
+    angle = 2.0 * torch.atan2(vector, q[..., 3:])
+    small = vector < 1e-7
+    return q[..., :3] * torch.where(small, 2.0 / q[..., 3:].clamp_min(1e-7), angle / torch.where(small, 1.0, vector))
+
+
+def lm(problem: StageProblem, stage: "StageConfig") -> StageResult:
+    """Levenberg-Marquardt on the stage's residuals, at most `stage.iterations` (and the option
+    max_iterations) steps per sample, each sample stopping on its own (see fitting.lm). Options:
+    the fields of LMSettings; `lr` is not used."""
+    settings = LMSettings.from_options(stage.options)
+    if not problem.free:
+        return adam(problem, stage.__class__(stage.name, iterations=0))
+    linearize = problem.linearize or autodiff_linearize(problem)
+    start = torch.cat([problem.params[k].detach() for k in problem.free], dim=1)
+    batch = start.shape[0]
+
+    def rows_or_all(rows: torch.Tensor) -> torch.Tensor | None:
+        return None if rows.numel() == batch else rows   # rows are sorted: all of them is arange
+
+    def energy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows_or_all(rows)
+        return problem.energy(_split(problem, x, rows), rows)
+
+    def gauss_newton(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = rows_or_all(rows)
+        return linearize(_split(problem, x, rows), rows)
+
+    local = [] if problem.linearize is None else [k for k in problem.free if k in problem.local_rotations]
+    spans, at = [], 0
+    for name in problem.free:
+        width = problem.params[name].shape[1]
+        if name in local:
+            spans.append(slice(at, at + width))
+        at += width
+
+    def retract(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        out = x + step
+        for span in spans:
+            turn, rotvec = step[:, span].unflatten(1, (-1, 3)), x[:, span].unflatten(1, (-1, 3))
+            out[:, span] = compose_rotvec(turn, rotvec).flatten(1)
+        return out
+
+    steps = int(min(stage.iterations, settings.max_iterations))
+    result = levenberg_marquardt(start, energy, gauss_newton, problem.active, steps, settings,
+                                 retract if spans else None)
+    return StageResult({k: v.detach() for k, v in _split(problem, result.x, None).items()},
+                       result.energy, result.iterations)
+
+
+SOLVERS: dict[str, Solver] = {"adam": adam, "lm": lm}
 
 
 def register_solver(name: str, solver: Solver) -> None:
