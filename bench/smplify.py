@@ -1,15 +1,19 @@
-"""SMPLify benchmark: speed and accuracy of batched fits on synthetic keypoints. Prints JSON.
+"""SMPLify benchmark: the fast solver (Levenberg-Marquardt) against SPIN's Adam on the same
+keypoints, side by side in one run. Prints JSON.
 
 People: poses from the pose sampler (a seed family apart from the prior's), shapes N(0, 1),
 facing the camera within +-45 degrees of yaw, scaled to fill the 224-px crop. Keypoints are the
 body model's 49 keypoints projected with pixel noise, some dropped (confidence 0). For each batch
-size and each initialization (the mean pose with the camera guessed from the keypoints, or the
-truth plus noise) it reports fits/s (median over repeats), the final loss, the fraction valid,
-and MPJPE / PA-MPJPE (mm) over the 14 LSP joints, next to the same errors at the initialization.
-A second table times the keypoint forward+backward of the full mesh against the keypoint-only
-body that the fits use.
+size, each initialization (the mean pose with the camera guessed from the keypoints, or the
+truth plus noise) and each solver it reports fits/s (median over repeats of wall time, and of
+process CPU time, which a shared machine disturbs less), the final loss, the fraction valid,
+MPJPE / PA-MPJPE (mm) over the 14 LSP joints and the iterations per sample; then, per batch and
+initialization, lm / adam ratios of fits/s and the differences in loss, PA-MPJPE and validity.
+Repeats fit disjoint batches, the two solvers alternating on the same people. Near the truth,
+a check runs Adam with 10x the body-stage steps, to tell a solver's error from the energy's.
+A last table times the keypoint forward+backward of the full mesh against the keypoint-only body.
 
-    python bench/smplify.py [--batches 1,64,512] [--out bench/results/smplify_cpu.json]
+    python bench/smplify.py --threads 1 [--batches 1,64,512,4096] [--out bench/results/smplify_cpu.json]
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ def make_people(model: BodyModel, n: int, seed: int, noise_px: float, drop: floa
     cam_t = torch.as_tensor(np.c_[rng.normal(0, 0.05, (n, 2)), depth], dtype=torch.float32)
     pose, betas, cam_t = pose.to(device), betas.to(device), cam_t.to(device)
     with torch.no_grad():
-        joints3d = model(pose, betas).keypoints
+        joints3d = KeypointBody(model)(pose, betas)
     pixels = perspective_projection(joints3d, cam_t)
     pixels = pixels + noise_px * torch.as_tensor(rng.standard_normal(pixels.shape), dtype=torch.float32, device=device)
     seen = torch.as_tensor(rng.random((n, 49)) >= drop, device=device)
@@ -71,7 +75,7 @@ def make_people(model: BodyModel, n: int, seed: int, noise_px: float, drop: floa
 def errors_mm(model: BodyModel, pose: torch.Tensor, betas: torch.Tensor, joints3d: torch.Tensor) -> tuple[float, float]:
     """Mean MPJPE (pelvis = mid-hips) and PA-MPJPE over the 14 LSP joints, in mm."""
     with torch.no_grad():
-        pred = model(pose, betas).keypoints[:, LSP14]
+        pred = KeypointBody(model)(pose, betas)[:, LSP14]   # the model's keypoints, without the mesh
     gt = joints3d[:, LSP14]
     pred_c = pred - pred[:, LSP_HIPS].mean(1, keepdim=True)
     gt_c = gt - gt[:, LSP_HIPS].mean(1, keepdim=True)
@@ -85,27 +89,32 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, config, device) -> dict:
-    """Repeats fit disjoint batches (so batch 1 still averages over several people)."""
-    times, results, slices = [], [], []
-    for r in range(repeats):
-        sl = slice(r * batch, (r + 1) * batch)
-        kp = people["keypoints"][sl]
-        near = people["near"]
+SOLVERS = ("adam", "lm")
+
+
+def solver_config(base: SmplifyConfig, solver: str) -> SmplifyConfig:
+    """`base` with every stage solved by `solver` (what `--solver` does in the pipeline)."""
+    data = base.to_dict()
+    data["stages"] = [{**stage, "solver": solver} for stage in data["stages"]]
+    return SmplifyConfig.from_dict(data)
+
+
+def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, configs: dict, device) -> list[dict]:
+    """Both solvers on the same `repeats` disjoint batches (batch 1 still averages over people)."""
+    runs = {name: {"wall": [], "cpu": [], "results": []} for name in configs}
+    slices = [slice(r * batch, (r + 1) * batch) for r in range(repeats)]
+    for sl in slices:
+        kp, near = people["keypoints"][sl], people["near"]
         init = None if init_kind == "mean" else FitInit(near.pose[sl], near.betas[sl], near.cam_t[sl])
-        sync(device)
-        start = time.perf_counter()
-        result = fit(model, prior, kp, init=init, config=config)
-        sync(device)
-        times.append(time.perf_counter() - start)
-        results.append(result)
-        slices.append(sl)
-    pose = torch.cat([r.pose for r in results])
-    betas = torch.cat([r.betas for r in results])
-    loss = torch.cat([r.loss for r in results])
-    valid = torch.cat([r.valid for r in results])
+        for name, config in configs.items():
+            sync(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fit(model, prior, kp, init=init, config=config)
+            sync(device)
+            runs[name]["wall"].append(time.perf_counter() - wall)
+            runs[name]["cpu"].append(time.process_time() - cpu)
+            runs[name]["results"].append(result)
     gt = torch.cat([people["joints3d"][sl] for sl in slices])
-    mpjpe, pa = errors_mm(model, pose, betas, gt)
     if init_kind == "mean":
         init_pose = default_mean_pose(prior).to(device).expand(len(gt), -1)
         init_betas = torch.zeros(len(gt), 10, device=device)
@@ -113,15 +122,64 @@ def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, con
         init_pose = torch.cat([people["near"].pose[sl] for sl in slices])
         init_betas = torch.cat([people["near"].betas[sl] for sl in slices])
     init_mpjpe, init_pa = errors_mm(model, init_pose, init_betas, gt)
-    median = statistics.median(times)
-    return {
-        "batch": batch, "init": init_kind, "repeats": repeats, "people": len(gt),
-        "seconds_median": round(median, 4), "fits_per_s": round(batch / median, 2),
-        "loss_mean": round(float(loss[torch.isfinite(loss)].mean()), 3), "loss_median": round(float(loss.median()), 3),
-        "valid_fraction": round(float(valid.float().mean()), 4),
-        "mpjpe_mm": round(mpjpe, 1), "pa_mpjpe_mm": round(pa, 1),
-        "init_mpjpe_mm": round(init_mpjpe, 1), "init_pa_mpjpe_mm": round(init_pa, 1),
-    }
+    rows = []
+    for name, run in runs.items():
+        results = run["results"]
+        pose = torch.cat([r.pose for r in results])
+        betas = torch.cat([r.betas for r in results])
+        loss = torch.cat([r.loss for r in results])
+        valid = torch.cat([r.valid for r in results])
+        iterations = torch.cat([r.iterations for r in results]).float()
+        mpjpe, pa = errors_mm(model, pose, betas, gt)
+        wall, cpu = statistics.median(run["wall"]), statistics.median(run["cpu"])
+        rows.append({
+            "solver": name, "batch": batch, "init": init_kind, "repeats": repeats, "people": len(gt),
+            "seconds_median": round(wall, 4), "fits_per_s": round(batch / wall, 2),
+            "cpu_seconds_median": round(cpu, 4), "fits_per_cpu_s": round(batch / cpu, 2),
+            "loss_mean": round(float(loss[torch.isfinite(loss)].mean()), 3),
+            "loss_median": round(float(loss.median()), 3),
+            "valid_fraction": round(float(valid.float().mean()), 4),
+            "mpjpe_mm": round(mpjpe, 1), "pa_mpjpe_mm": round(pa, 1),
+            "init_mpjpe_mm": round(init_mpjpe, 1), "init_pa_mpjpe_mm": round(init_pa, 1),
+            "iterations_mean": round(float(iterations.mean()), 1), "iterations_max": int(iterations.max()),
+        })
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """lm against adam per batch and initialization: speed ratios and quality differences
+    (negative loss and PA-MPJPE differences favour lm)."""
+    out = []
+    for lm in (r for r in rows if r["solver"] == "lm"):
+        adam = next(r for r in rows if r["solver"] == "adam" and r["batch"] == lm["batch"] and r["init"] == lm["init"])
+        out.append({
+            "batch": lm["batch"], "init": lm["init"],
+            "speedup": round(lm["fits_per_s"] / adam["fits_per_s"], 2),
+            "cpu_speedup": round(lm["fits_per_cpu_s"] / adam["fits_per_cpu_s"], 2),
+            "loss_mean_diff": round(lm["loss_mean"] - adam["loss_mean"], 3),
+            "pa_mpjpe_diff_mm": round(lm["pa_mpjpe_mm"] - adam["pa_mpjpe_mm"], 1),
+            "valid_fraction_diff": round(lm["valid_fraction"] - adam["valid_fraction"], 4),
+            "at_least_as_good": (lm["loss_mean"] <= adam["loss_mean"] and lm["pa_mpjpe_mm"] <= adam["pa_mpjpe_mm"]
+                                 and lm["valid_fraction"] >= adam["valid_fraction"]),
+        })
+    return out
+
+
+def converged_adam(model, prior, people, batch: int, factor: int, device) -> dict:
+    """Near the truth, is the gap in PA-MPJPE between the solvers the solver's or the energy's?
+    Adam with `factor` times SPIN's body-stage steps against both defaults, on the same people."""
+    near, sl = people["near"], slice(0, batch)
+    init = FitInit(near.pose[sl], near.betas[sl], near.cam_t[sl])
+    long = solver_config(SmplifyConfig(), "adam").to_dict()
+    long["stages"][1]["iterations"] *= factor
+    out = {"batch": batch, "init": "near", "adam_body_iterations": long["stages"][1]["iterations"]}
+    for name, config in (("adam", solver_config(SmplifyConfig(), "adam")), ("lm", SmplifyConfig()),
+                         ("adam_long", SmplifyConfig.from_dict(long))):
+        result = fit(model, prior, people["keypoints"][sl], init=init, config=config)
+        _, pa = errors_mm(model, result.pose, result.betas, people["joints3d"][sl])
+        out[name] = {"loss_mean": round(float(result.loss.mean()), 3), "pa_mpjpe_mm": round(pa, 1)}
+    return out
 
 
 def time_forward(model: BodyModel, batch: int, repeats: int, device) -> dict:
@@ -146,14 +204,16 @@ def time_forward(model: BodyModel, batch: int, repeats: int, device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="1,64,512")
-    parser.add_argument("--repeats", default="5,3,2", help="repeats per batch size")
+    parser.add_argument("--batches", default="1,64,512,4096")
+    parser.add_argument("--repeats", default="5,3,2,1", help="repeats per batch size")
     parser.add_argument("--seed", type=int, default=1000, help="pose seed (the built-in prior uses 0)")
     parser.add_argument("--noise-px", type=float, default=2.0)
     parser.add_argument("--drop", type=float, default=0.1, help="fraction of keypoints dropped")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="body model .npz (default: the built-in)")
+    parser.add_argument("--converged-batch", type=int, default=64,
+                        help="people for the check against Adam run 10x longer (0: skip)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -165,34 +225,38 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_body_model(args.model, device=device)
     prior = load_prior(device=device)
-    config = SmplifyConfig()
+    base = SmplifyConfig()
+    configs = {name: solver_config(base, name) for name in SOLVERS}
     count = max(b * r for b, r in zip(batches, repeats))
     people = make_people(model, count, args.seed, args.noise_px, args.drop, device)
+    load_start = round(os.getloadavg()[0], 2)
 
     rows = []
     for batch, reps in zip(batches, repeats):
-        fit(model, prior, people["keypoints"][:batch], config=SmplifyConfig.from_dict(
-            {"stages": [{"name": "camera", "iterations": 2}, {"name": "body", "iterations": 2}]}))  # warm-up
+        for config in configs.values():  # warm-up
+            short = config.to_dict()
+            short["stages"] = [{**stage, "iterations": 2} for stage in short["stages"]]
+            fit(model, prior, people["keypoints"][:batch], config=SmplifyConfig.from_dict(short))
         for init_kind in ("mean", "near"):
-            rows.append(run_case(model, prior, people, batch, init_kind, reps, config, device))
-            print(json.dumps(rows[-1]), file=sys.stderr)
-    base = {r["init"]: r["fits_per_s"] for r in rows if r["batch"] == batches[0]}
-    for r in rows:
-        r[f"speedup_vs_batch{batches[0]}"] = round(r["fits_per_s"] / base[r["init"]], 2)
+            rows.extend(run_case(model, prior, people, batch, init_kind, reps, configs, device))
 
     report = {
         "benchmark": "smplify",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_1m_at_start": load_start,
                     "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                     "torch": torch.__version__, "device": str(device),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "model": {"path": model.name if args.model else "built-in", "vertices": model.num_vertices},
         "data": {"seed": args.seed, "noise_px": args.noise_px, "drop": args.drop, "yaw_deg": 45,
                  "near_init": "pose + N(0, 0.1) rad, betas + N(0, 0.3), depth x (1 + N(0, 0.05)), xy + N(0, 0.02) m"},
-        "smplify": config.to_dict(),
+        "smplify": {name: config.to_dict() for name, config in configs.items()},
+        "lm_vs_adam": compare(rows),
         "fits": rows,
+        "near_truth_vs_adam_run_longer": (converged_adam(model, prior, people, args.converged_batch, 10, device)
+                                          if args.converged_batch else None),
         "keypoint_forward": [time_forward(model, b, 10, device) for b in (64, 512)],
     }
     text = json.dumps(report, indent=2)

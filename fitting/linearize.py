@@ -49,10 +49,10 @@ def projection_rows(points: torch.Tensor, focal_length: float) -> torch.Tensor:
 
 def _normal(jac: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, M, n), (R, M) -> J^T r (R, n), J^T J (R, n, n)."""
-    return (jac.mT @ res[..., None])[..., 0], jac.mT @ jac
+    return (jac * res[..., None]).sum(dim=1), jac.mT @ jac
 
 
-def add_priors(gradient: torch.Tensor, hessian: torch.Tensor, params: Params, offsets: dict[str, int],
+def _add_priors(gradient: torch.Tensor, hessian: torch.Tensor, params: Params, offsets: dict[str, int],
                prior: GMMPrior, precisions: torch.Tensor, pose_weight: float, angle_weight: float,
                shape_weight: float) -> None:
     """Add the body stage's prior terms to J^T r (R, n) and J^T J (R, n, n), in place (both are
@@ -60,10 +60,10 @@ def add_priors(gradient: torch.Tensor, hessian: torch.Tensor, params: Params, of
     if "body_pose" in offsets:
         at, pose = offsets["body_pose"], params["body_pose"]
         best = prior.component_energies(pose).argmin(dim=1)
-        block = pose_weight ** 2 * precisions[best]
+        block = pose_weight ** 2 * precisions.index_select(0, best)
         span = slice(at, at + pose.shape[1])
         hessian[:, span, span] += block
-        gradient[:, span] += (block @ (pose - prior.means[best])[..., None])[..., 0]
+        gradient[:, span] += (block * (pose - prior.means.index_select(0, best))[:, None]).sum(-1)
         index = torch.as_tensor(ANGLE_PRIOR_INDICES, device=pose.device)
         signs = torch.as_tensor(ANGLE_PRIOR_SIGNS, dtype=pose.dtype, device=pose.device)
         angle = angle_weight * torch.exp(pose[:, index] * signs)          # the residuals
@@ -107,7 +107,7 @@ def body_system(body: KeypointBody, prior: GMMPrior, keypoints: torch.Tensor, co
             blocks["betas"] = sum(rows_d[..., x, None] * lin.d_betas[:, :, None, x] for x in range(3))
         jac = torch.cat([blocks[name] for name in free], dim=-1).flatten(1, 2)
         gradient, hessian = _normal(jac, res.flatten(1))
-        add_priors(gradient, hessian, params, offsets, prior, precisions, pose_prior_weight,
+        _add_priors(gradient, hessian, params, offsets, prior, precisions, pose_prior_weight,
                    angle_prior_weight, shape_prior_weight)
         return gradient, hessian
     return system

@@ -293,6 +293,23 @@ def test_lm_fits_a_batch_of_one(human, prior):
     assert result.pose.shape == (1, 72) and result.loss.item() < 20.0
 
 
+def test_lm_falls_back_to_autodiff_where_a_stage_has_no_closed_form(human, prior):
+    _, _, _, _, kp = people(human, 3, seed=9)
+    stages = [{"name": "camera", "optimize": ["global_orient", "cam_t", "betas"], "iterations": 5}]
+    config = SmplifyConfig.from_dict({"stages": stages})
+    init = mean_init(human, kp, torch.cat([torch.tensor([math.pi, 0, 0]), prior.mean()]), torch.zeros(10))
+    params = {"global_orient": init.pose[:, :3], "body_pose": init.pose[:, 3:], "betas": init.betas,
+              "cam_t": init.cam_t}
+    body, conf = KeypointBody(human), fit_confidence(kp[..., 2])
+    assert _stage_system(config.stages[0], body, prior, kp, conf, init.cam_t, params, config) is None
+    result = fit(human, prior, kp, init=init, config=config)
+    fitted = {"global_orient": result.pose[:, :3], "body_pose": result.pose[:, 3:], "betas": result.betas,
+              "cam_t": result.cam_t}
+    energy = _stage_residuals(config.stages[0], body, prior, kp, conf, init.cam_t, params, config)
+    assert (result.iterations > 0).all() and (result.betas != 0).all(dim=1).any()
+    assert (energy(fitted).square().sum(-1) < energy(params).square().sum(-1)).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lm_on_cuda_matches_cpu(human, prior):
     _, _, _, _, kp = people(human, 4, seed=8)
