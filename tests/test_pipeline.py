@@ -104,12 +104,14 @@ def split_shards(src: Path, dst: Path, rows_per_shard: int) -> None:
 @pytest.mark.slow
 def test_killed_fit_round_resumes_without_redoing_shards(tiny_benchmark, tmp_path):
     data = tmp_path / "data"
-    split_shards(tiny_benchmark, data, rows_per_shard=16)
+    split_shards(tiny_benchmark, data, rows_per_shard=8)
     shards = sorted(p.name for p in (data / "train").glob("*.parquet"))
     config = config_for(data)
-    config.fit.batch_size = 16
+    config.fit.batch_size = 8
     config.fit.num_actors = 1
-    config.fit.smplify = {"stages": [{"name": "camera", "iterations": 30}, {"name": "body", "iterations": 60}]}
+    # one actor, one shard per batch, and enough work per shard that commits are spread in time
+    config.fit.smplify = {"stages": [{"name": "camera", "iterations": 150, "solver": "adam"},
+                                     {"name": "body", "iterations": 250, "solver": "adam"}]}
     killed = tmp_path / "killed"
     save_config(config, killed / "config.yaml")
     proc = subprocess.Popen(
