@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -52,6 +53,11 @@ def _numeric(values: dict[str, Any]) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
             out[key] = float(value)
     return out
+
+
+def metric_name(key: str) -> str:
+    """A key MLflow accepts: keys can hold free text (quarantine reasons), which may not."""
+    return re.sub(r"[^\w\-. :/]", "_", key)[:250]
 
 
 class Tracker:
@@ -102,7 +108,7 @@ class Tracker:
         import time
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in _numeric(metrics).items()]
+        batch = [Metric(metric_name(k), v, now, step) for k, v in _numeric(metrics).items()]
         for start in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[start:start + 500])
 

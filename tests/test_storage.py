@@ -69,6 +69,17 @@ def test_locations_local_stay_paths_and_uris_keep_their_query():
     assert rundir.step_dir(Path("r"), 2, "model") == Path("r/round=2/model")
 
 
+def test_fsspec_only_schemes_and_unknown_ones():
+    base = f"memory://spin-{uuid.uuid4().hex[:8]}/run"
+    write_table(fits_rows(2), storage.join(base, "train", "part-00000.parquet"))
+    [shard] = shard_paths(base, "train")
+    assert shard == f"{base}/train/part-00000.parquet" and len(read_table(shard, FITS_SCHEMA)) == 2
+    rundir.mark_done(base, 0, "fits", {"rows": 2})
+    assert rundir.finished_rounds(base, "fits") == [0]
+    with pytest.raises(BadInput, match="unsupported location"):
+        storage.exists("nosuch://bucket/run")
+
+
 def test_storage_round_trips_on_s3(s3, tmp_path):
     target = storage.join(s3, "a", "note.txt")
     assert not storage.exists(target) and not storage.is_dir(s3)
@@ -169,16 +180,23 @@ def test_success_markers_and_config_on_s3(s3, tmp_path):
         resolve_config(s3, None, {"data": storage.join(s3, "no-data")})
 
 
-def test_uri_run_needs_a_tracking_server(s3, tmp_path, monkeypatch):
+def test_uri_run_needs_a_tracking_server(s3, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
     from pipeline.tracking import PARENT_ID_FILE, Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(BadInput, match="MLFLOW_TRACKING_URI"):
         Tracker(s3, "spin-test")
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "compare", "--run", s3],
-                            capture_output=True, text=True, timeout=120)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--rounds", "1", "--run", s3,
+                             "--data", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "MLFLOW_TRACKING_URI" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert "rounds: 1" in storage.read_text(storage.join(s3, "config.yaml"))  # the CLI reached s3:// first
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--run", s3])
+    assert exit_info.value.code == 2 and "MLFLOW_TRACKING_URI" in capsys.readouterr().err
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker = Tracker(s3, "spin-test")
@@ -248,3 +266,15 @@ def test_fit_and_train_with_the_run_on_s3(s3, tiny_benchmark):
     assert to_numpy(read_table(kept, FITS_SCHEMA), "iterations")[0] == 777
     assert sorted(read_fits(run, 0).column("sample_id").to_pylist()) == sorted(fits.column("sample_id").to_pylist())
     assert fit_round(run, 0, config, progress=False).get("skipped") is True
+
+
+def test_metric_names_from_free_text_are_accepted(tmp_path):
+    from pipeline.tracking import Tracker, metric_name
+
+    reason = "fit failed: RuntimeError: cannot reshape tensor of 0 elements into shape [0, -1]"
+    assert metric_name(f"quarantine_reasons.{reason}") == \
+        "quarantine_reasons.fit failed: RuntimeError: cannot reshape tensor of 0 elements into shape _0_ -1_"
+    tracker = Tracker(tmp_path / "run", "spin-test", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.log_metrics(tracker.parent_id, {"quarantine_reasons": {reason: 2}, "rows": 5})
+    logged = tracker.client.get_run(tracker.parent_id).data.metrics
+    assert logged["rows"] == 5 and logged[metric_name(f"quarantine_reasons.{reason}")] == 2

@@ -1,4 +1,5 @@
-"""Locations: a local path or a URI of any pyarrow filesystem (s3://bucket/key, gs://..., hdfs://...).
+"""Locations: a local path or a URI of a pyarrow filesystem (s3://bucket/key, gs://..., hdfs://...),
+or else of an installed fsspec implementation (memory://, az://, ...).
 
 A location is a `Path` when it is local (plain paths and file:// URIs) and the URI string otherwise,
 so local code keeps its paths. Query parameters of a URI configure its filesystem
@@ -65,7 +66,16 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(root)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise BadInput(f"unsupported location {root}: {' '.join(str(exc).split())[:160]}") from exc
+        arrow_error = exc
+    try:  # a scheme that pyarrow lacks but an fsspec implementation provides (memory://, az://, ...)
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, path = fsspec.core.url_to_fs(root)
+        return PyFileSystem(FSSpecHandler(fs)), path
+    except (ImportError, ValueError, OSError) as exc:
+        reason = " ".join(f"{arrow_error}; {exc}".split())[:200]
+        raise BadInput(f"unsupported location {root}: {reason}") from exc
 
 
 def resolve(value: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
