@@ -215,8 +215,8 @@ def test_fit_and_train_with_the_run_on_s3(s3, tiny_benchmark):
     from pipeline.fit_stage import fit_round, read_fits, read_quarantine
     from pipeline.rounds import eval_round, train_round
 
-    config = RunConfig.from_dict({"data": str(tiny_benchmark), "train_preset": "tiny",
-                                  "train": {"steps": 4}, "fit": {"batch_size": 64, "smplify": FAST_SMPLIFY}})
+    config = RunConfig.from_dict({"data": str(tiny_benchmark), "train_preset": "tiny", "train": {"steps": 4},
+                                  "fit": {"batch_size": 64, "num_actors": 1, "smplify": FAST_SMPLIFY}})
     run = s3
     summary = fit_round(run, 0, config, progress=False)
     shards = [storage.basename(p) for p in shard_paths(tiny_benchmark, "train")]
