@@ -157,7 +157,9 @@ def lm(problem: StageProblem, stage: "StageConfig") -> StageResult:
     the fields of LMSettings; `lr` is not used."""
     settings = LMSettings.from_options(stage.options)
     if not problem.free:
-        return adam(problem, stage.__class__(stage.name, iterations=0))
+        with torch.no_grad():
+            energy = problem.energy(problem.params)
+        return StageResult(dict(problem.params), energy, torch.zeros_like(energy, dtype=torch.long))
     linearize = problem.linearize or autodiff_linearize(problem)
     start = torch.cat([problem.params[k].detach() for k in problem.free], dim=1)
     batch = start.shape[0]

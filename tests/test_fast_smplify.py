@@ -260,7 +260,7 @@ def test_lm_fits_at_least_as_well_as_adam(human, prior):
     assert pa_mpjpe_mm(human, fast.pose, fast.betas, joints3d).mean() <= \
         pa_mpjpe_mm(human, adam.pose, adam.betas, joints3d).mean()
     steps = fast.iterations
-    assert (steps > 0).all() and (steps <= 20 + 30).all() and len(set(steps.tolist())) > 1
+    assert (steps > 0).all() and (steps <= 12 + 20).all() and len(set(steps.tolist())) > 1
     init_loss, _ = score(human, prior, init.pose, init.betas, init.cam_t, kp)
     assert (fast.loss < init_loss).all()
 
@@ -289,7 +289,7 @@ def test_lm_flags_bad_samples_fits_the_rest_as_if_alone_and_keeps_inputs(human, 
 def test_lm_fits_a_batch_of_one(human, prior):
     _, _, _, _, kp = people(human, 1, seed=7)
     result = fit(human, prior, kp)
-    assert result.valid.item() and 0 < result.iterations.item() <= 50
+    assert result.valid.item() and 0 < result.iterations.item() <= 32
     assert result.pose.shape == (1, 72) and result.loss.item() < 20.0
 
 
