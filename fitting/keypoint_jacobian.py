@@ -97,14 +97,6 @@ def _ancestors(parents: list[int]) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def _levels(parents: list[int]) -> list[list[int]]:
-    """The joints below the root grouped by depth, so that each group's parents come earlier."""
-    depth = [0] * len(parents)
-    for k in range(1, len(parents)):
-        depth[k] = depth[parents[k]] + 1
-    return [[k for k in range(1, len(parents)) if depth[k] == d] for d in range(1, max(depth) + 1)]
-
-
 class KeypointJacobian(nn.Module):
     """forward(pose (B, 72) axis-angle, betas (B, 10)) -> KeypointLinearization of the keypoints
     `keypoints` (indices into the 49; default all), equal to KeypointBody's keypoints and to
@@ -155,7 +147,6 @@ class KeypointJacobian(nn.Module):
         self.register_buffer("parent_index", body.parents.clamp_min(0))
         self.register_buffer("joint_template", body.joint_template)
         self.register_buffer("joint_shapedirs", body.joint_shapedirs)
-        self.register_buffer("ancestor", ancestor)
         self.register_buffer("pair_key", pair_key)
         self.register_buffer("pair_joint", pair_joint)
         self.register_buffer("pair_mass", mass)
@@ -182,8 +173,6 @@ class KeypointJacobian(nn.Module):
         self.register_buffer("entry_slot", slot_of[pair_key[entry_pair], entry_joint])
         self.register_buffer("slot_key", slot_key)
         self.register_buffer("slot_joint", slot_joint)
-        # Each keypoint's total weight: a rigid turn about a point c moves it as (keypoint - mass c).
-        self.register_buffer("mass", torch.zeros(keys, dtype=dtype, device=device).index_add_(0, pair_key, mass))
 
     def forward(self, pose: torch.Tensor, betas: torch.Tensor, local_root: bool = False) -> KeypointLinearization:
         """local_root: differentiate with respect to a rotation increment d applied on the left of
