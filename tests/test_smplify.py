@@ -83,7 +83,7 @@ def pa_mpjpe_mm(model, pose, betas, joints3d):
 
 
 def short(camera: int = 60, body: int = 100) -> SmplifyConfig:
-    return SmplifyConfig(stages=[StageConfig("camera", camera), StageConfig("body", body)])
+    return SmplifyConfig(stages=[StageConfig("camera", camera, solver="adam"), StageConfig("body", body, solver="adam")])
 
 
 # ---------------------------------------------------------------- configuration
@@ -91,7 +91,7 @@ def short(camera: int = 60, body: int = 100) -> SmplifyConfig:
 def test_config_round_trip_and_defaults():
     config = SmplifyConfig()
     assert [(s.name, s.iterations, s.lr, s.solver) for s in config.stages] == [
-        ("camera", 100, 0.01, "adam"), ("body", 100, 0.01, "adam")]
+        ("camera", 100, 0.01, "lm"), ("body", 100, 0.01, "lm")]
     assert config.stages[0].optimize == ("global_orient", "cam_t")
     assert set(config.stages[1].optimize) == {"body_pose", "betas", "global_orient"}
     data = config.to_dict()
@@ -286,7 +286,7 @@ def test_fit_clean_keypoints_far_better_than_the_mean_pose(human, prior):
     init_loss, _ = score(human, prior, init.pose, init.betas, init.cam_t, kp)
     result = fit(human, prior, kp, init=init)
     assert result.valid.all() and result.reasons == [None] * 8
-    assert result.iterations.tolist() == [200] * 8
+    assert ((result.iterations > 0) & (result.iterations <= 12 + 20)).all()  # LM stops per sample
     assert result.loss.median() < 10.0 and (result.loss < 0.2 * init_loss).all()
     fitted = pa_mpjpe_mm(human, result.pose, result.betas, joints3d)
     start = pa_mpjpe_mm(human, init.pose, init.betas, joints3d)
