@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from pipeline.config import RunConfig
 from pipeline.rounds import headline, resolve_config, run_pipeline
 
 

@@ -16,7 +16,7 @@ from pipeline.config import RunConfig
 from pipeline.report import metrics_by_round, plot_metrics_by_round
 from trainer import storage
 from trainer.storage import Location
-from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+from trainer.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
 
 
 def read_split(data: str | Location, split: str, columns: list[str] | None = None) -> pa.Table:

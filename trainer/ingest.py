@@ -21,7 +21,6 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from fitting.errors import BadInput
-from fitting.keypoints import NUM_KEYPOINTS
 from trainer.samples import (
     DEFAULT_MIN_VISIBLE,
     crop_square,

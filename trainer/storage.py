@@ -15,9 +15,10 @@ import os
 import posixpath
 import tempfile
 import uuid
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -141,18 +142,27 @@ def read_text(value: str | os.PathLike) -> str:
     return read_bytes(value).decode("utf-8")
 
 
+@contextmanager
+def atomic_local(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file beside `path` to write; it replaces `path` only if the block ends
+    without error, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_bytes(value: str | os.PathLike, data: bytes | pa.Buffer) -> None:
     """Atomic write: a local temporary file and a rename, or a single object PUT."""
     value = location(value)
     if isinstance(value, Path):
-        value.parent.mkdir(parents=True, exist_ok=True)
-        tmp = value.with_name(f".{value.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_local(value) as tmp:
             tmp.write_bytes(data)
-            os.replace(tmp, value)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return
     # all bytes in hand before the stream opens: closing a stream, even on an error, completes the PUT
     buffer = pa.py_buffer(data)
@@ -195,17 +205,13 @@ def upload(local: str | os.PathLike, value: str | os.PathLike) -> None:
 def download(value: str | os.PathLike, local: str | os.PathLike) -> Path:
     """Copy a location to a local file through a temporary file and a rename."""
     local = Path(local)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
     fs, path = resolve(value)
     try:
-        pafs.copy_files(path, str(tmp.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, local)
+        with atomic_local(local) as tmp:
+            pafs.copy_files(path, str(tmp.resolve()), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
     except FileNotFoundError as exc:
         raise BadInput(f"not found: {value}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return local
 
 
@@ -247,14 +253,8 @@ def write_parquet(table: pa.Table, value: str | os.PathLike) -> None:
     """Atomic: locally a temporary file and a rename; remotely serialized in memory, then one PUT."""
     value = location(value)
     if isinstance(value, Path):
-        value.parent.mkdir(parents=True, exist_ok=True)
-        tmp = value.with_name(f".{value.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_local(value) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, value)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

@@ -9,9 +9,7 @@ values, so they load with torch.load(weights_only=True); the regressor's configu
 from __future__ import annotations
 
 import math
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +25,7 @@ from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_
 from trainer.losses import MODES, LossWeights, compute_losses
 from trainer.mean_params import load_mean_params
 from trainer.model import BACKBONES, Regressor, axis_angle_pose, cam_translation, normalize_images
+from trainer.storage import atomic_local
 from trainer.tables import SAMPLES_SCHEMA, conform
 
 CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
@@ -131,14 +130,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """torch.save through a temporary file and a rename: never a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_local(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
