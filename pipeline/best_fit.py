@@ -31,6 +31,26 @@ def keep_new(new_loss: np.ndarray, old_loss: np.ndarray) -> np.ndarray:
     return new_ok & (~old_ok | (new_loss < old_loss))
 
 
+def gather_previous(sample_ids: list[str], shards: list[str], lookup) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Previous best fits of a batch whose rows may come from several shards.
+
+    `lookup(shard)` gives (sample id -> row, column arrays) of that shard's previous fits.
+    Returns (n,) bool of rows that have one, and the columns of those rows, in batch order."""
+    has_old = np.zeros(len(sample_ids), dtype=bool)
+    positions, parts = [], []
+    for shard in dict.fromkeys(shards):
+        index, arrays = lookup(shard)
+        rows = [(i, index[sid]) for i, (s, sid) in enumerate(zip(shards, sample_ids)) if s == shard and sid in index]
+        if rows:
+            positions.append(np.array([i for i, _ in rows]))
+            parts.append({k: v[[r for _, r in rows]] for k, v in arrays.items()})
+    if not parts:
+        return has_old, {}
+    order = np.argsort(np.concatenate(positions), kind="stable")
+    has_old[np.concatenate(positions)] = True
+    return has_old, {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+
+
 class BatchFitter:
     def __init__(self, spec):
         self.spec = spec
@@ -151,33 +171,21 @@ class BatchFitter:
 
     def _merge_previous(self, new: dict[str, Any], keypoints: torch.Tensor, shards: list[str]) -> dict[str, Any]:
         n = len(shards)
-        old_rows = np.full(n, -1)
-        old_arrays: dict[str, np.ndarray] | None = None
-        for shard in dict.fromkeys(shards):
-            index, arrays, _ = self._previous_fits(shard)
-            if not index:
-                continue
-            old_arrays = arrays  # one shard per batch in practice; keep it general below
-            for i, (s, sid) in enumerate(zip(shards, new["sample_id"])):
-                if s == shard:
-                    old_rows[i] = index.get(sid, -1)
+        has_old, old_arrays = gather_previous(new["sample_id"], shards, lambda s: self._previous_fits(s)[:2])
         merged = {k: (np.array(v, dtype=object) if isinstance(v, list) else np.array(v)) for k, v in new.items()}
         merged["kept_old"] = np.zeros(n, dtype=bool)
-        has_old = old_rows >= 0
-        if not has_old.any() or old_arrays is None:
+        if not has_old.any():
             return merged
-        rows = old_rows[has_old]
         # re-score the stored fits under the current keypoints, so the comparison is fair
-        to_t = lambda k: torch.as_tensor(old_arrays[k][rows], device=self.device)  # noqa: E731
+        to_t = lambda k: torch.as_tensor(old_arrays[k], device=self.device)  # noqa: E731
         with torch.no_grad():
             old_loss, old_joint = score(self.model, self.prior, to_t("pose"), to_t("betas"), to_t("cam_t"),
                                         keypoints[torch.as_tensor(np.flatnonzero(has_old), device=self.device)], self.config)
         old_loss, old_joint = old_loss.cpu().numpy(), old_joint.cpu().numpy()
         take_old = ~keep_new(merged["loss"][has_old].astype(np.float64), old_loss.astype(np.float64))
         target = np.flatnonzero(has_old)[take_old]
-        src = rows[take_old]
         for key in ("pose", "betas", "cam_t", "found_in_round", "init", "iterations", "betas_ok"):
-            merged[key][target] = old_arrays[key][src]
+            merged[key][target] = old_arrays[key][take_old]
         merged["loss"][target] = old_loss[take_old]
         merged["joint_loss"][target] = old_joint[take_old]
         merged["valid"][target] = old_loss[take_old] < self.config.loss_threshold

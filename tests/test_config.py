@@ -49,3 +49,17 @@ def test_success_markers(tmp_path):
     assert read_success(tmp_path, 2, "fits")["rows"] == 4
     with pytest.raises(BadInput, match="no finished fits"):
         read_success(tmp_path, 1, "fits")
+
+
+def test_previous_fits_of_a_batch_spanning_two_shards():
+    from pipeline.best_fit import gather_previous
+
+    previous = {
+        "part-0.parquet": ({"a": 0, "b": 1}, {"loss": np.array([1.0, 2.0])}),
+        "part-1.parquet": ({"c": 0, "d": 1}, {"loss": np.array([3.0, 4.0])}),
+    }
+    ids = ["b", "x", "d", "a", "c"]
+    shards = ["part-0.parquet", "part-0.parquet", "part-1.parquet", "part-0.parquet", "part-1.parquet"]
+    has_old, old = gather_previous(ids, shards, previous.__getitem__)
+    assert has_old.tolist() == [True, False, True, True, True]
+    assert old["loss"].tolist() == [2.0, 4.0, 1.0, 3.0]
