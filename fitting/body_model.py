@@ -193,11 +193,6 @@ def load_body_model(path: str | Path | None = None, device: str | torch.device =
     return BodyModel(read_npz(path), name=str(path)).to(device)
 
 
-def mean_pose_rest_joints(model: BodyModel) -> torch.Tensor:
-    """(24, 3) joints of the template in its rest pose; handy for camera guesses."""
-    return torch.as_tensor(model.smpl.J_regressor @ model.smpl.v_template)
-
-
 # ---------------------------------------------------------------- official .pkl conversion
 
 class _ChumpyStub:

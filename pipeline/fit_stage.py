@@ -24,7 +24,6 @@ from trainer import storage
 from trainer.storage import Location
 from trainer.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table, shard_paths, write_table
 
-OUTPUT_SCHEMA = FITS_SCHEMA.append(pa.field("shard", pa.string())).append(pa.field("reason", pa.string()))
 FIT_COLUMNS = ["sample_id", "keypoints", "has_smpl", "pose", "betas"]
 
 
