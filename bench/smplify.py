@@ -9,6 +9,9 @@ truth plus noise) and each solver it reports fits/s (median over repeats of wall
 process CPU time, which a shared machine disturbs less), the final loss, the fraction valid,
 MPJPE / PA-MPJPE (mm) over the 14 LSP joints and the iterations per sample; then, per batch and
 initialization, lm / adam ratios of fits/s and the differences in loss, PA-MPJPE and validity.
+A third arm, `spin`, is SPIN's SMPLify as published: Adam on the same objective with the whole
+mesh skinned at every step (`forward: mesh`); it runs from the mean initialization at the batch
+sizes of --spin-batches (it is slow), and lm / spin is the speed-up over SPIN's SMPLify.
 Repeats fit disjoint batches, the two solvers alternating on the same people. Near the truth,
 a check runs Adam with 10x the body-stage steps, to tell a solver's error from the energy's.
 A last table times the keypoint forward+backward of the full mesh against the keypoint-only body.
@@ -92,11 +95,11 @@ def sync(device) -> None:
 SOLVERS = ("adam", "lm")
 
 
-def solver_config(base: SmplifyConfig, solver: str) -> SmplifyConfig:
+def solver_config(base: SmplifyConfig, solver: str, forward: str = "keypoints") -> SmplifyConfig:
     """`base` with every stage solved by `solver` (what `--solver` does in the pipeline)."""
     data = base.to_dict()
     data["stages"] = [{**stage, "solver": solver} for stage in data["stages"]]
-    return SmplifyConfig.from_dict(data)
+    return SmplifyConfig.from_dict({**data, "forward": forward})
 
 
 def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, configs: dict, device) -> list[dict]:
@@ -147,14 +150,17 @@ def run_case(model, prior, people, batch: int, init_kind: str, repeats: int, con
     return rows
 
 
-def compare(rows: list[dict]) -> list[dict]:
-    """lm against adam per batch and initialization: speed ratios and quality differences
-    (negative loss and PA-MPJPE differences favour lm)."""
+def compare(rows: list[dict], baseline: str = "adam") -> list[dict]:
+    """lm against `baseline` per batch and initialization where both ran: speed ratios and
+    quality differences (negative loss and PA-MPJPE differences favour lm)."""
     out = []
     for lm in (r for r in rows if r["solver"] == "lm"):
-        adam = next(r for r in rows if r["solver"] == "adam" and r["batch"] == lm["batch"] and r["init"] == lm["init"])
+        adam = next((r for r in rows if r["solver"] == baseline and r["batch"] == lm["batch"]
+                     and r["init"] == lm["init"]), None)
+        if adam is None:
+            continue
         out.append({
-            "batch": lm["batch"], "init": lm["init"],
+            "batch": lm["batch"], "init": lm["init"], "baseline": baseline,
             "speedup": round(lm["fits_per_s"] / adam["fits_per_s"], 2),
             "cpu_speedup": round(lm["fits_per_cpu_s"] / adam["fits_per_cpu_s"], 2),
             "loss_mean_diff": round(lm["loss_mean"] - adam["loss_mean"], 3),
@@ -163,6 +169,20 @@ def compare(rows: list[dict]) -> list[dict]:
             "at_least_as_good": (lm["loss_mean"] <= adam["loss_mean"] and lm["pa_mpjpe_mm"] <= adam["pa_mpjpe_mm"]
                                  and lm["valid_fraction"] >= adam["valid_fraction"]),
         })
+    return out
+
+
+def compare_same_solver(rows: list[dict]) -> list[dict]:
+    """Adam on the keypoint-only body against SPIN's whole-mesh Adam: the speed the forward path
+    alone buys, and a check that the fits agree."""
+    out = []
+    for spin in (r for r in rows if r["solver"] == "spin"):
+        adam = next(r for r in rows if r["solver"] == "adam" and r["batch"] == spin["batch"] and r["init"] == spin["init"])
+        out.append({"batch": spin["batch"], "init": spin["init"],
+                    "speedup": round(adam["fits_per_s"] / spin["fits_per_s"], 2),
+                    "cpu_speedup": round(adam["fits_per_cpu_s"] / spin["fits_per_cpu_s"], 2),
+                    "loss_mean_diff": round(adam["loss_mean"] - spin["loss_mean"], 3),
+                    "pa_mpjpe_diff_mm": round(adam["pa_mpjpe_mm"] - spin["pa_mpjpe_mm"], 1)})
     return out
 
 
@@ -212,6 +232,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="body model .npz (default: the built-in)")
+    parser.add_argument("--spin-batches", default="1,64,512",
+                        help="batch sizes at which SPIN's whole-mesh Adam also runs ('' to skip)")
     parser.add_argument("--converged-batch", type=int, default=64,
                         help="people for the check against Adam run 10x longer (0: skip)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -227,18 +249,22 @@ def main() -> None:
     prior = load_prior(device=device)
     base = SmplifyConfig()
     configs = {name: solver_config(base, name) for name in SOLVERS}
+    spin = {"spin": solver_config(base, "adam", forward="mesh")}
+    spin_batches = {int(b) for b in args.spin_batches.split(",") if b}
     count = max(b * r for b, r in zip(batches, repeats))
     people = make_people(model, count, args.seed, args.noise_px, args.drop, device)
     load_start = round(os.getloadavg()[0], 2)
 
     rows = []
     for batch, reps in zip(batches, repeats):
-        for config in configs.values():  # warm-up
+        arms = {**configs, **(spin if batch in spin_batches else {})}
+        for config in arms.values():  # warm-up
             short = config.to_dict()
             short["stages"] = [{**stage, "iterations": 2} for stage in short["stages"]]
             fit(model, prior, people["keypoints"][:batch], config=SmplifyConfig.from_dict(short))
         for init_kind in ("mean", "near"):
-            rows.extend(run_case(model, prior, people, batch, init_kind, reps, configs, device))
+            rows.extend(run_case(model, prior, people, batch, init_kind, reps,
+                                 arms if init_kind == "mean" else configs, device))
 
     report = {
         "benchmark": "smplify",
@@ -252,8 +278,10 @@ def main() -> None:
         "model": {"path": model.name if args.model else "built-in", "vertices": model.num_vertices},
         "data": {"seed": args.seed, "noise_px": args.noise_px, "drop": args.drop, "yaw_deg": 45,
                  "near_init": "pose + N(0, 0.1) rad, betas + N(0, 0.3), depth x (1 + N(0, 0.05)), xy + N(0, 0.02) m"},
-        "smplify": {name: config.to_dict() for name, config in configs.items()},
+        "smplify": {name: config.to_dict() for name, config in {**configs, **spin}.items()},
+        "lm_vs_spin": compare(rows, "spin"),
         "lm_vs_adam": compare(rows),
+        "adam_vs_spin": compare_same_solver(rows),
         "fits": rows,
         "near_truth_vs_adam_run_longer": (converged_adam(model, prior, people, args.converged_batch, 10, device)
                                           if args.converged_batch else None),

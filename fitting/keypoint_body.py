@@ -71,6 +71,18 @@ class KeypointBody(nn.Module):
         return source[:, self.keypoint_source]
 
 
+class MeshKeypoints(nn.Module):
+    """The same (B, 49, 3) keypoints through `BodyModel.forward`, skinning the whole mesh at
+    every call as SPIN's SMPLify does: the reference that KeypointBody's speed is measured against."""
+
+    def __init__(self, model: BodyModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pose: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+        return self.model(pose, betas).keypoints
+
+
 def rigid_keypoints(body: KeypointBody, body_pose: torch.Tensor, betas: torch.Tensor):
     """Keypoints as a function of the global orientation alone, for fixed (B, 69) body pose and
     (B, 10) betas. The posed body is rigid about its root joint J0, so

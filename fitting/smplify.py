@@ -17,7 +17,7 @@ import torch
 from fitting.body_model import BodyModel
 from fitting.camera import FOCAL_LENGTH, IMG_RES, estimate_translation
 from fitting.errors import BadInput
-from fitting.keypoint_body import KeypointBody, rigid_keypoints
+from fitting.keypoint_body import KeypointBody, MeshKeypoints, rigid_keypoints
 from fitting.keypoints import NUM_KEYPOINTS
 from fitting.linearize import LOCAL_ROTATIONS, body_system, camera_system
 from fitting.objective import (
@@ -31,6 +31,7 @@ from fitting.priors import GMMPrior
 from fitting.solvers import SOLVERS, StageProblem, get_solver
 
 PARAMETERS = ("global_orient", "body_pose", "betas", "cam_t")
+FORWARDS = ("keypoints", "mesh")
 STAGE_DEFAULTS = {"camera": ("global_orient", "cam_t"), "body": ("body_pose", "betas", "global_orient")}
 
 
@@ -102,12 +103,17 @@ class SmplifyConfig:
     betas_threshold: float = 3.0
     focal_length: float = FOCAL_LENGTH
     img_res: int = IMG_RES
+    # 'keypoints' skins only the vertices the keypoints use; 'mesh' skins the whole mesh at every
+    # step, as SPIN does. Both give the same keypoints; 'mesh' is there to compare speed with SPIN.
+    forward: str = "keypoints"
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, StageConfig) else StageConfig.from_dict(s) for s in self.stages]
+        if self.forward not in FORWARDS:
+            raise BadInput(f"smplify: 'forward' must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "stages" and (isinstance(value, bool) or not isinstance(value, (int, float))
+            if f.name not in ("stages", "forward") and (isinstance(value, bool) or not isinstance(value, (int, float))
                                        or not np.isfinite(value) or value < 0):
                 raise BadInput(f"smplify: '{f.name}' must be a finite number >= 0, got {value!r}")
         if self.sigma <= 0 or self.focal_length <= 0 or self.img_res <= 0:
@@ -228,12 +234,12 @@ def _check_init(init: FitInit, batch: int, device: torch.device) -> FitInit:
     return FitInit(**out)
 
 
-def _stage_residuals(stage: StageConfig, body: KeypointBody, prior: GMMPrior, kp: torch.Tensor,
+def _stage_residuals(stage: StageConfig, body: KeypointBody | MeshKeypoints, prior: GMMPrior, kp: torch.Tensor,
                      confidence: torch.Tensor, cam_t_init: torch.Tensor, params: dict, config: SmplifyConfig):
     """The stage's residual function (params, rows=None) -> (R, M) for the samples `rows`
     (default: all), with params holding just those samples."""
     rigid = None
-    if set(stage.optimize) <= {"global_orient", "cam_t"}:
+    if isinstance(body, KeypointBody) and set(stage.optimize) <= {"global_orient", "cam_t"}:
         rigid = rigid_keypoints(body, params["body_pose"], params["betas"])
 
     def model_keypoints(p: dict, rows: torch.Tensor | None) -> torch.Tensor:
@@ -258,9 +264,12 @@ def _stage_residuals(stage: StageConfig, body: KeypointBody, prior: GMMPrior, kp
     return body_stage
 
 
-def _stage_system(stage: StageConfig, body: KeypointBody, prior: GMMPrior, kp: torch.Tensor,
+def _stage_system(stage: StageConfig, body: KeypointBody | MeshKeypoints, prior: GMMPrior, kp: torch.Tensor,
                   confidence: torch.Tensor, cam_t_init: torch.Tensor, params: dict, config: SmplifyConfig):
-    """The stage's Gauss-Newton system in closed form (see fitting.linearize), or None."""
+    """The stage's Gauss-Newton system in closed form (see fitting.linearize), or None (then a
+    solver that needs one differentiates the residuals)."""
+    if not isinstance(body, KeypointBody):
+        return None
     f, res = config.focal_length, config.img_res
     if stage.name == "camera":
         return camera_system(body, kp, cam_t_init, params, stage.optimize, config.depth_weight, f, res)
@@ -296,7 +305,7 @@ def fit(model: BodyModel, prior: GMMPrior, keypoints_px: torch.Tensor, init: Fit
         "cam_t": torch.where(bad[:, None], stand_in[3:], init.cam_t),
     }
     params = {k: v.detach().clone() for k, v in start.items()}
-    body = KeypointBody(model)
+    body = KeypointBody(model) if config.forward == "keypoints" else MeshKeypoints(model)
     confidence = fit_confidence(kp[..., 2])
     iterations = torch.zeros(batch, dtype=torch.long, device=device)
     for stage in config.stages:

@@ -317,3 +317,24 @@ def test_lm_on_cuda_matches_cpu(human, prior):
     on_gpu = fit(load_body_model(device="cuda"), prior, kp.cuda())
     assert on_gpu.pose.device.type == "cuda"
     torch.testing.assert_close(on_gpu.loss.cpu(), on_cpu.loss, rtol=2e-2, atol=2e-2)
+
+
+def test_the_mesh_forward_fits_like_the_keypoint_body(human, prior):
+    """forward='mesh' (SPIN's whole-mesh skinning) is the same objective: the same Adam
+    trajectory, and for LM (through autodiff and additive rotation steps instead of the
+    closed-form system) the same energy reached."""
+    _, _, _, _, kp = people(human, 3, seed=21)
+    for solver, steps in (("adam", 15), ("lm", 6)):
+        data = solver_config(solver).to_dict()
+        data["stages"] = [{**stage, "iterations": steps, "options": {"max_iterations": steps}} for stage in data["stages"]]
+        results = {name: fit(human, prior, kp, config=SmplifyConfig.from_dict({**data, "forward": name}))
+                   for name in ("keypoints", "mesh")}
+        mesh, fast = results["mesh"], results["keypoints"]
+        if solver == "adam":
+            torch.testing.assert_close(batch_rodrigues(mesh.pose.reshape(-1, 3)),
+                                       batch_rodrigues(fast.pose.reshape(-1, 3)), atol=2e-3, rtol=1e-3)
+            torch.testing.assert_close(mesh.loss, fast.loss, atol=1e-2, rtol=1e-3)
+        else:
+            torch.testing.assert_close(mesh.loss, fast.loss, atol=0.5, rtol=0.1)
+    with pytest.raises(BadInput, match="forward"):
+        SmplifyConfig(forward="vertices")
