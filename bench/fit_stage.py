@@ -140,7 +140,8 @@ def run_child(mode: str, data: Path, actors: int) -> dict:
                              capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     if out.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray may print after the result at shutdown: take the child's own line
+    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith('{"mode"')))
 
 
 def median_of(results: list[dict], key: str) -> float:

@@ -7,6 +7,8 @@ train split's 2D keypoints only (no 3D truth in training):
   loop      K rounds of fit -> train, the steps split over the rounds, warm-starting each round.
 All are evaluated on the test split; the fits of every round against the train split's held-out
 truth; and SMPLify from the final network against SMPLify from the mean, on the same samples.
+A reference row predicts the mean pose and shape for every test image: a regressor that does not
+beat it has not learned to read poses from the images, and its arm's ordering says little.
 """
 from __future__ import annotations
 
@@ -96,6 +98,17 @@ def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int
     return out
 
 
+def mean_pose_reference(config: RunConfig) -> dict[str, Any]:
+    """Test-split metrics of predicting the regressors' mean parameters for every image."""
+    from fitting.body_model import load_body_model
+    from trainer.evaluate import evaluate_mean_pose
+    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+
+    mean = load_mean_params()
+    return evaluate_mean_pose([Path(config.data) / "test"], load_body_model(config.body_model or None),
+                              mean_pose_axis_angle(mean), np.asarray(mean["shape"], np.float32))
+
+
 def _smplify_dict(config: RunConfig) -> dict[str, Any]:
     from fitting.smplify import SmplifyConfig
 
@@ -114,6 +127,10 @@ def table_markdown(results: dict[str, Any]) -> str:
         cells = [("-" if reg.get(k) is None else f"{reg[k]:.1f}" if "mpjpe" in k or k in ("pck", "auc", "pa_pck", "pa_auc")
                   else f"{reg[k]:.3f}") for k, _ in TABLE_KEYS]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    reference = results.get("mean_pose_reference")
+    if reference:
+        cells = [f"{reference[k]:.1f}" if k in reference else "-" for k, _ in TABLE_KEYS]
+        lines.append("| mean pose, no image | " + " | ".join(cells) + " |")
     ratios = results["ratios"]
     lines += ["", f"PA-MPJPE ratios: static / 2d-only = {ratios['static_vs_2d']:.3f} (target <= 0.85), "
                   f"loop / static = {ratios['loop_vs_static']:.3f} (target <= 0.90).", "",
@@ -141,6 +158,8 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
     ax.plot(rounds, [r["fit_pa_mpjpe"] for r in rows], marker="s", label="in the loop: fits")
     for arm, style in (("static", "--"), ("2d-only", ":")):
         ax.axhline(results["arms"][arm]["regressor"]["pa_mpjpe"], linestyle=style, color="gray", label=f"{arm}: regressor")
+    if results.get("mean_pose_reference"):
+        ax.axhline(results["mean_pose_reference"]["pa_mpjpe"], linestyle="-.", color="black", label="mean pose, no image")
     ax.set_xlabel("round"), ax.set_ylabel("PA-MPJPE (mm)"), ax.set_xticks(rounds), ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -197,6 +216,7 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address):
     results["ratios"] = {"static_vs_2d": reg["static"] / reg["2d-only"], "loop_vs_static": reg["loop"] / reg["static"]}
     fits_rounds = [r["fit_pa_mpjpe"] for r in results["arms"]["loop"]["rounds"]]
     results["fits_pa_mpjpe_falls"] = bool(fits_rounds[-1] < fits_rounds[0])
+    results["mean_pose_reference"] = mean_pose_reference(base)
     results["init_comparison"] = init_comparison(out / "loop", arm_config(base, "loop", steps, rounds), rounds - 1)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["command"] = f"spin-pipeline ablation --preset {preset} --rounds {rounds} --steps {steps} --seed {seed}" + (

@@ -160,3 +160,40 @@ def test_corrupt_shard_is_one_clear_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "corrupt parquet" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ablation_runs_three_comparable_arms(tiny_benchmark, tmp_path):
+    """`spin-pipeline ablation` on the tiny benchmark: three arms with the same total steps, the
+    loop's rounds, the mean-pose reference, the init comparison, the table, the plot and MLflow."""
+    import json
+
+    import mlflow
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    out = tmp_path / "ablation"
+    shutil.copytree(tiny_benchmark, out / "data")
+    result = CliRunner().invoke(cli, ["ablation", "--preset", "tiny", "--rounds", "2", "--steps", "6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "ablation.json").read_text())
+    assert set(report["arms"]) == {"2d-only", "static", "loop"}
+    assert [r["round"] for r in report["arms"]["loop"]["rounds"]] == [0, 1]
+    assert len(report["arms"]["static"]["rounds"]) == 1
+    reg = {arm: report["arms"][arm]["regressor"]["pa_mpjpe"] for arm in report["arms"]}
+    assert report["ratios"]["static_vs_2d"] == pytest.approx(reg["static"] / reg["2d-only"])
+    assert report["ratios"]["loop_vs_static"] == pytest.approx(reg["loop"] / reg["static"])
+    for arm, steps in (("2d-only", 6), ("static", 6)):
+        assert rundir.read_success(out / arm, 0, "model")["steps"] == steps
+    assert sum(rundir.read_success(out / "loop", r, "model")["trained_steps"] for r in (0, 1)) == 6
+    assert report["mean_pose_reference"]["evaluated_3d"] == report["arms"]["static"]["regressor"]["evaluated_3d"]
+    assert report["mean_pose_reference"]["pa_mpjpe"] > 0
+    assert set(report["init_comparison"]) == {"mean", "network"}
+    table = (out / "ablation.md").read_text()
+    assert "| loop |" in table and "| mean pose, no image |" in table
+    assert (out / "ablation_pa_mpjpe.png").stat().st_size > 0
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ablation")
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
+    assert {"2d-only", "static", "loop"} <= names

@@ -202,3 +202,22 @@ def test_parallel_loader_serves_the_same_batches(body, data):
         return list(make_loader(dataset, sampler, num_workers=workers, timeout=60))
     for a, b in zip(batches(0), batches(2)):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_norm_is_logged_and_clipped(body, data, tmp_path):
+    from trainer.dataset import SamplesDataset, make_loader, read_samples
+    from trainer.train import _build_regressor, _train_step
+
+    root, fits = data
+    logged = {}
+    train_regressor(_config(steps=2, log_every=1), [root], fits, tmp_path, body_model=body,
+                    log_metrics=lambda m, step: logged.update(m))
+    assert logged["train/grad_norm"] > 0
+    config = _config(grad_clip=1e-3)
+    regressor = _build_regressor(config, None)
+    batch = next(iter(make_loader(SamplesDataset(read_samples([root]), fits, config.img_res), batch_size=4)))
+    values = _train_step(regressor, torch.optim.Adam(regressor.parameters(), lr=1e-4), batch, body, config, None, 0)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in regressor.parameters() if p.grad is not None]))
+    assert values["grad_norm"] > 1e-3 and float(norm) == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(BadInput, match="grad_clip"):
+        TrainConfig.from_dict({"grad_clip": -1})

@@ -137,6 +137,18 @@ def evaluate_regressor(
 
 
 @torch.no_grad()
+def evaluate_mean_pose(test_dirs: Sequence[str | Path], body_model: torch.nn.Module, pose: np.ndarray,
+                       betas: np.ndarray) -> dict[str, float]:
+    """3D metrics of one (72,) pose and (10,) betas predicted for every test sample, whatever its
+    image: the floor a regressor must beat to show that it reads the pose from the images."""
+    samples = read_samples(test_dirs, split="test")
+    gt, has_gt = ground_truth_lsp(samples, body_model)
+    n = int(has_gt.sum())
+    pred = _model_lsp(body_model, np.repeat(np.asarray(pose)[None], n, 0), np.repeat(np.asarray(betas)[None], n, 0), 256)
+    return {"samples": len(samples), "evaluated_3d": n, **_pose_summary(pred, gt[has_gt])}
+
+
+@torch.no_grad()
 def evaluate_fits(fits_table: pa.Table, truth_table: pa.Table, body_model: torch.nn.Module,
                   batch_size: int = 256) -> dict[str, float]:
     """How good the pseudo-labels are: the 3D metrics of the fits against the truth (all fits,

@@ -52,6 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     threads: int = 0                 # torch intra-op threads; 0 = torch's default
+    grad_clip: float = 100.0         # max global gradient norm (0: off): caps the step one bad batch can take
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -83,6 +84,8 @@ class TrainConfig:
             raise BadInput(f"img_res must be >= 32, got {self.img_res}")
         if self.num_workers < 0 or self.threads < 0:
             raise BadInput("num_workers and threads must be >= 0")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise BadInput(f"grad_clip must be a finite number >= 0, got {self.grad_clip}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise BadInput(f"lr must be a positive number, got {self.lr}")
 
@@ -212,15 +215,17 @@ class _Meter:
 
 def _train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                 body_model: torch.nn.Module, config: TrainConfig, prior: torch.nn.Module | None, step: int) -> dict[str, float]:
-    """One optimizer step; returns the total and each term's batch value."""
+    """One optimizer step; returns the total, each term's batch value and the gradient norm
+    (before clipping)."""
     out = regressor(normalize_images(batch["image"]))
     result = compute_losses(out, batch, body_model, config.weights, config.mode, prior)
     if not torch.isfinite(result.total):
-        raise BadInput(f"training diverged at step {step} (loss {float(result.total)}); try a lower lr")
+        raise BadInput(f"training diverged at step {step} (loss {float(result.total.detach())}); try a lower lr")
     optimizer.zero_grad(set_to_none=True)
     result.total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(regressor.parameters(), config.grad_clip or float("inf"))
     optimizer.step()
-    return {"loss": float(result.total.detach()), **result.batch_values()}
+    return {"loss": float(result.total.detach()), **result.batch_values(), "grad_norm": float(grad_norm)}
 
 
 def _rng_state() -> dict[str, Any]:
