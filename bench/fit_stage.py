@@ -91,19 +91,15 @@ def measure(mode: str, data: Path, work: Path, actors: int) -> dict:
     torch.set_num_threads(1)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (data / "train").glob("*.parquet"))
     if mode == "inprocess":
-        from pipeline.best_fit import BatchFitter
-        from pipeline.fit_stage import FitterSpec
+        from pipeline.fit_stage import FitterSpec, ShardFitter
 
         commits = []
         with PeakRss() as rss:
             start = time.perf_counter()
-            fitter = BatchFitter(FitterSpec(round_index=0, run=str(work), smplify=SMPLIFY, threads=1))
+            fitter = ShardFitter(FitterSpec(round_index=0, run=str(work), smplify=SMPLIFY, threads=1, batch_size=BATCH))
             for path in sorted((data / "train").glob("*.parquet")):
-                table = pq.read_table(path)
-                table = table.append_column("path", [[str(path)] * len(table)])
-                for start_row in range(0, len(table), BATCH):
-                    fitter.fit_table(table.slice(start_row, BATCH))
-                commits.append((time.time(), len(table)))
+                fitter.fit_shard(str(path))
+                commits.append((time.time(), pq.ParquetFile(path).metadata.num_rows))
             seconds = time.perf_counter() - start
     else:
         from pipeline.config import RunConfig

@@ -6,7 +6,6 @@ under the same keypoints, or a quarantine reason.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -120,7 +119,7 @@ class BatchFitter:
             "init": init_kind.tolist(), "iterations": iterations.astype(np.int32),
         }
         columns["valid"] = np.asarray(columns["valid"]) & np.isfinite(loss)
-        shards = [os.path.basename(p) for p in batch.column("path").to_pylist()]
+        shards = [storage.basename(p) for p in batch.column("path").to_pylist()]
         merged = self._merge_previous(columns, keypoints, shards)
         table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
         reasons = [r if r else None for r in reasons]
@@ -208,7 +207,7 @@ class BatchFitter:
             keypoints = normalized_to_pixels(torch.as_tensor(to_numpy(batch, "keypoints")), IMG_RES)
         except Exception:  # noqa: BLE001 - unreadable keypoints still let us carry the old fit
             keypoints = torch.full((n, 49, 3), float("nan"))
-        shards = [os.path.basename(p) for p in batch.column("path").to_pylist()]
+        shards = [storage.basename(p) for p in batch.column("path").to_pylist()]
         merged = self._merge_previous(columns, keypoints.to(self.device), shards)
         table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
         reasons = [None if kept else reason for kept in merged["kept_old"]]

@@ -1,6 +1,12 @@
-"""A fit round on Ray Data: read the sample shards, fit every sample with batched SMPLify in an
-actor pool, keep the better of the new fit and the previous round's best fit, and commit one
-best-fit parquet file per input shard as soon as that shard is complete.
+"""A fit round on Ray Data: a dataset of the pending sample shards, one row per shard, feeds an
+actor pool; each actor reads its shard, fits every sample with batched SMPLify, keeps the better of
+the new fit and the previous round's best fit, and the driver commits one best-fit parquet file per
+input shard as soon as that shard comes back.
+
+Shards, not rows, are the unit of work: Ray 2.60's read_parquet plans small files as a single read
+task and block, which put a whole round on one actor and held every commit to the end (measured by
+bench/fit_stage.py). One shard per task keeps the actors busy in parallel, memory bounded by a
+shard, and each commit as early as its shard.
 
 Round 0 starts SMPLify from the mean pose (static fits); round N >= 1 from regressor N-1's
 prediction. Samples with ground truth take it as their fit, as SPIN does.
@@ -38,10 +44,13 @@ class FitterSpec:
     prior: str = ""               # empty: the built-in prior
     device: str = "cpu"
     threads: int = 1
+    columns: tuple[str, ...] = tuple(FIT_COLUMNS)   # what to read from a shard
+    batch_size: int = 256                           # samples per SMPLify batch
 
 
 class ShardFitter:
-    """Ray Data actor: holds the body model, the prior and (round >= 1) the regressor."""
+    """Ray Data actor: holds the body model, the prior and (round >= 1) the regressor; called with
+    rows of shard paths, it returns the fitted rows of those shards."""
 
     def __init__(self, spec: FitterSpec):
         import torch
@@ -49,10 +58,17 @@ class ShardFitter:
         from pipeline.best_fit import BatchFitter
 
         torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
         self.fitter = BatchFitter(spec)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.fitter.fit_table(batch)
+    def __call__(self, shards: pa.Table) -> pa.Table:
+        return pa.concat_tables([self.fit_shard(path) for path in shards.column("path").to_pylist()])
+
+    def fit_shard(self, path: str) -> pa.Table:
+        rows = storage.read_parquet(path, columns=list(self.spec.columns))
+        rows = rows.append_column("path", pa.array([path] * len(rows), pa.string()))
+        size = self.spec.batch_size
+        return pa.concat_tables([self.fitter.fit_table(rows.slice(start, size)) for start in range(0, len(rows), size)])
 
 
 def plan_resources(config: RunConfig) -> dict[str, float]:
@@ -68,13 +84,14 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
         actors = max(1, int(gpus // gpus_per_actor))
     else:
         actors = max(1, int(cpus))
-    # Leave one logical CPU free: Ray Data lists and reads the files with 1-CPU tasks, and an
-    # actor pool that takes every CPU deadlocks them. Actors ask for fractions instead.
+    # Leave one logical CPU free for Ray Data's own tasks: an actor pool that takes every CPU
+    # can deadlock them. Actors ask for fractions instead.
     cpus_per_actor = fit.cpus_per_actor or max(0.1, (cpus - 1.0) / actors)
     return {"actors": actors, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": gpus_per_actor}
 
 
-def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int) -> FitterSpec:
+def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int,
+              columns: list[str] | None = None) -> FitterSpec:
     from fitting.smplify import SmplifyConfig
 
     smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()  # a bad config fails here, not in an actor
@@ -85,7 +102,8 @@ def make_spec(run: Location, round_index: int, config: RunConfig, device: str, t
     if round_index > 0:
         checkpoint = str(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
     return FitterSpec(round_index=round_index, run=str(run), smplify=smplify, checkpoint=checkpoint,
-                      body_model=config.body_model, prior=config.prior, device=device, threads=threads)
+                      body_model=config.body_model, prior=config.prior, device=device, threads=threads,
+                      columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 
 
 def check_inputs(run: Location, round_index: int, shards: list[Location]) -> None:
@@ -139,19 +157,16 @@ def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progres
     plan = plan_resources(config)
     device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
     threads = max(1, int(round(plan["cpus_per_actor"] + (1.0 / plan["actors"]))))
-    spec = make_spec(run, round_index, config, device, threads)
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
     present = set(storage.parquet_metadata(pending[0]).schema.to_arrow_schema().names)
-    columns = [c for c in columns if c in present]
+    spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present])
     expected = {storage.basename(p): storage.parquet_metadata(p).num_rows for p in pending}
-    filesystem, paths = storage.resolve_all(pending)
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, include_paths=True,
-                               num_cpus=0.1, override_num_blocks=len(pending))
+    ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
-        ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=config.fit.batch_size,
+        ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=1,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_cpus=plan["cpus_per_actor"], num_gpus=plan["gpus_per_actor"] or None,
-    )  # Ray Data restarts a crashed actor and retries its batch; Python errors are handled inside
+    )  # Ray Data restarts a crashed actor and retries its shard; Python errors are handled inside
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
