@@ -20,6 +20,24 @@ def tiny_benchmark(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def posable():
+    """A random SMPL-sized model with pose correctives and extra regressor rows that do not sum to 1."""
+    import numpy as np
+
+    from fitting.body_model import BodyModel
+    from tests.toy_body import make_toy_smpl
+
+    rng = np.random.default_rng(0)
+    arrays = make_toy_smpl(seed=3)
+    arrays["posedirs"] = rng.normal(scale=0.01, size=arrays["posedirs"].shape).astype(np.float32)
+    extra = np.zeros((9, 6890), dtype=np.float32)
+    for row in extra:
+        row[rng.choice(6890, 20, replace=False)] = rng.uniform(0, 0.1, 20)
+    arrays["J_regressor_extra"] = extra
+    return BodyModel(arrays)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shutdown_ray():
     yield

@@ -44,19 +44,6 @@ def prior():
     return load_prior()
 
 
-@pytest.fixture(scope="module")
-def posable():
-    """A random SMPL-sized model with pose correctives and extra rows that do not sum to 1."""
-    rng = np.random.default_rng(0)
-    arrays = make_toy_smpl(seed=3)
-    arrays["posedirs"] = rng.normal(scale=0.01, size=arrays["posedirs"].shape).astype(np.float32)
-    extra = np.zeros((9, 6890), dtype=np.float32)
-    for row in extra:
-        row[rng.choice(6890, 20, replace=False)] = rng.uniform(0, 0.1, 20)
-    arrays["J_regressor_extra"] = extra
-    return BodyModel(arrays)
-
-
 def people(model, n: int, seed: int, noise_px: float = 2.0, drop: float = 0.1):
     """Poses, shapes and cameras of n people and their noisy keypoints (pixels), some dropped."""
     rng = np.random.default_rng(seed)

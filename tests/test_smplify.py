@@ -175,19 +175,6 @@ def test_fit_confidence_is_pure():
     assert conf.min() == 1.0 and out[:, list(FIT_IGNORED)].abs().max() == 0.0 and out.sum() == 3 * 44
 
 
-@pytest.fixture(scope="module")
-def posable():
-    """A toy model with pose correctives and an extra regressor whose rows do not sum to 1."""
-    rng = np.random.default_rng(0)
-    arrays = make_toy_smpl(seed=3)
-    arrays["posedirs"] = rng.normal(scale=0.01, size=arrays["posedirs"].shape).astype(np.float32)
-    extra = np.zeros((9, 6890), dtype=np.float32)
-    for row in extra:
-        row[rng.choice(6890, 20, replace=False)] = rng.uniform(0, 0.1, 20)
-    arrays["J_regressor_extra"] = extra
-    return BodyModel(arrays)
-
-
 def test_keypoint_body_matches_the_full_model(posable):
     rng = np.random.default_rng(1)
     pose = torch.as_tensor(rng.normal(scale=0.5, size=(4, 72)), dtype=torch.float32)
