@@ -106,7 +106,8 @@ def make_spec(run: Location, round_index: int, config: RunConfig, device: str, t
                       columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 
 
-def check_inputs(run: Location, round_index: int, shards: list[Location]) -> None:
+def check_inputs(run: Location, round_index: int, shards: list[Location]) -> dict[str, Any]:
+    """Validate the round's inputs; returns each shard's parquet metadata by file name (read once)."""
     names = [storage.basename(p) for p in shards]
     if len(set(names)) != len(names):
         raise BadInput("sample shards must have unique file names")
@@ -114,11 +115,13 @@ def check_inputs(run: Location, round_index: int, shards: list[Location]) -> Non
         for step in ("fits", "model"):
             if not rundir.is_done(run, round_index - 1, step):
                 raise BadInput(f"round {round_index} needs round {round_index - 1}'s {step} step first")
-    for path in shards:
+    metadata = {}
+    for path, name in zip(shards, names):
         try:
-            storage.parquet_metadata(path)
+            metadata[name] = storage.parquet_metadata(path)
         except Exception as exc:  # noqa: BLE001 - any parquet failure is a corrupt input
             raise BadInput(f"{path}: corrupt parquet file ({' '.join(str(exc).split())[:160]})") from exc
+    return metadata
 
 
 def fit_round(
@@ -135,12 +138,12 @@ def fit_round(
     if not config.data:
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
     shards = shard_paths(config.data, "train")
-    check_inputs(run, round_index, shards)
+    metadata = check_inputs(run, round_index, shards)
     committed = set(committed_shards(out_dir))  # one listing: what a killed round already wrote
     pending = [p for p in shards if storage.basename(p) not in committed]
     start = time.perf_counter()
     if pending:
-        _fit_shards(run, round_index, config, pending, out_dir, ray_address, progress)
+        _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress)
     summary = summarize(out_dir, [storage.basename(p) for p in shards])
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
                    shards_fitted_now=len(pending), shards=len(shards))
@@ -148,7 +151,7 @@ def fit_round(
     return summary
 
 
-def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progress) -> None:
+def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress) -> None:
     import ray
 
     from pipeline.ray_session import ensure_ray
@@ -158,9 +161,9 @@ def _fit_shards(run, round_index, config, pending, out_dir, ray_address, progres
     device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
     threads = max(1, int(round(plan["cpus_per_actor"] + (1.0 / plan["actors"]))))
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
-    present = set(storage.parquet_metadata(pending[0]).schema.to_arrow_schema().names)
+    expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
+    present = set(metadata[storage.basename(pending[0])].schema.to_arrow_schema().names)
     spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present])
-    expected = {storage.basename(p): storage.parquet_metadata(p).num_rows for p in pending}
     ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=1,
