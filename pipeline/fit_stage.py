@@ -159,7 +159,9 @@ def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_addres
     ensure_ray(ray_address, progress)
     plan = plan_resources(config)
     device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
-    threads = max(1, int(round(plan["cpus_per_actor"] + (1.0 / plan["actors"]))))
+    # Whole CPUs only: an actor running more torch threads than the CPUs it holds competes with
+    # the driver and raylet (measured by bench/fit_stage.py: 2 threads on 2 cores ran slower than 1).
+    threads = max(1, int(plan["cpus_per_actor"]))
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
     expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
     present = set(metadata[storage.basename(pending[0])].schema.to_arrow_schema().names)
