@@ -7,6 +7,7 @@ Prints JSON: per backbone the median train-step time and images/s, the loader's 
 size in a temporary folder.
 
     python bench/train_speed.py [--data DIR] [--backbones small,resnet18,resnet50] [--out FILE]
+    python bench/train_speed.py --device cuda --batch-size 64 --workers 8   # a GPU machine
 """
 from __future__ import annotations
 
@@ -75,20 +76,29 @@ def loader_rate(dataset: SamplesDataset, batch_size: int, workers: int, batches:
     return count / (time.perf_counter() - start)
 
 
-def train_rate(backbone: str, img_res: int, batch: dict, body, steps: int) -> tuple[float, list[float]]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_rate(backbone: str, img_res: int, batch: dict, body, steps: int,
+               device: torch.device) -> tuple[float, list[float]]:
     """Median seconds of a full train step on a fixed batch, after one warm-up step."""
     torch.manual_seed(0)
-    regressor = Regressor(backbone, img_res, backbone_weights="none").train()
+    regressor = Regressor(backbone, img_res, backbone_weights="none").to(device).train()
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     optimizer = torch.optim.Adam(regressor.parameters(), lr=5e-5)
     weights = LossWeights()
     times = []
     for _ in range(steps + 1):
+        sync(device)
         start = time.perf_counter()
         out = regressor(normalize_images(batch["image"]))
         loss = compute_losses(out, batch, body, weights).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]), times[1:]
 
@@ -100,8 +110,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed train steps per backbone")
     parser.add_argument("--loader-batches", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="where the train step runs (the loader stays on the CPU)")
+    parser.add_argument("--batch-size", type=int, default=0, help="override the preset's batch size (0: keep)")
+    parser.add_argument("--workers", type=int, default=0, help="override the preset's loader workers (0: keep)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     body_name = "built-in"
@@ -111,11 +125,13 @@ def main() -> None:
         from fitting.body_model import BodyModel
         from tests.toy_body import make_toy_smpl
         body, body_name = BodyModel(make_toy_smpl()), "random SMPL-sized (6890 vertices)"
+    body = body.to(device)
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in args.backbones.split(","):
             img_res, batch_size, crop, workers = SETUPS[backbone]
+            batch_size, workers = args.batch_size or batch_size, args.workers or workers
             n = batch_size * (args.loader_batches + 1)
             if args.data:
                 samples, fits = read_samples([args.data]), None
@@ -126,7 +142,7 @@ def main() -> None:
             loader0 = loader_rate(dataset, batch_size, 0, args.loader_batches)
             loader_n = loader_rate(dataset, batch_size, workers, args.loader_batches)
             batch = next(iter(make_loader(dataset, StepBatchSampler(len(dataset), batch_size, 0, 0, 1))))
-            median, times = train_rate(backbone, img_res, batch, body, args.steps)
+            median, times = train_rate(backbone, img_res, batch, body, args.steps, device)
             train_ips = batch_size / median
             results.append({
                 "backbone": backbone, "img_res": img_res, "batch_size": batch_size, "stored_crop": crop,
@@ -143,7 +159,7 @@ def main() -> None:
         "benchmark": "train_speed", "command": "python " + " ".join(sys.argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "device": "cpu", "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
         "load_average_before": load_before, "body_model": body_name, "results": results,
     }
     text = json.dumps(report, indent=2)
