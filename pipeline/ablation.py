@@ -20,6 +20,9 @@ from typing import Any
 
 import click
 import numpy as np
+import yaml
+
+from fitting.errors import BadInput
 
 from pipeline import rundir
 from pipeline.config import RunConfig, apply_overrides, save_config
@@ -31,6 +34,17 @@ ARMS = ("2d-only", "static", "loop")
 TABLE_KEYS = (("mpjpe", "MPJPE"), ("pa_mpjpe", "PA-MPJPE"), ("pck", "PCK"), ("auc", "AUC"),
               ("pa_pck", "PA-PCK"), ("pa_auc", "PA-AUC"), ("fg_accuracy", "FB acc"), ("fg_f1", "FB F1"),
               ("parts_accuracy", "parts acc"), ("parts_f1", "parts F1"))
+
+
+def settings(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """KEY=VALUE pairs as a dict, each VALUE read as YAML (64 -> int, 3e-4 -> float)."""
+    out: dict[str, Any] = {}
+    for text in pairs:
+        key, sep, value = text.partition("=")
+        if not sep or not key or key in out:
+            raise BadInput(f"--train {text!r}: expected KEY=VALUE, each KEY once")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def arm_config(base: RunConfig, arm: str, steps: int, rounds: int) -> RunConfig:
@@ -177,7 +191,10 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True, help="Benchmark and training seed.")
 @click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
-def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address):
+@click.option("--train", "train_settings", multiple=True, metavar="KEY=VALUE",
+              help="One training setting for every arm (a TrainConfig field), repeatable; on a GPU machine "
+                   "e.g. --train batch_size=64 --train num_workers=12.")
+def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_settings):
     """2D-only vs static fits vs fitting in the loop, as in SPIN's Table 1, on the built-in
     benchmark. Writes OUT/ablation.json, OUT/ablation.md and a plot; all arms are comparable runs in
     OUT/mlflow.db (experiment 'ablation'). Rerunning resumes finished steps."""
@@ -185,12 +202,14 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address):
 
     start = time.perf_counter()
     out = Path(out_dir)
-    dataset = ensure_benchmark(out / "data", preset, seed)
     steps = steps or rounds * int(TRAIN_PRESETS[preset]["steps"])
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     base = RunConfig.from_dict({"data": str((out / "data").resolve()), "rounds": rounds, "seed": seed,
-                                "train_preset": preset, "fit": {"solver": solver or ""},
+                                "train_preset": preset, "train": settings(train_settings),
+                                "fit": {"solver": solver or ""},
                                 "tracking": {"experiment": "ablation", "tracking_uri": uri}})
+    train_config_for(base)  # a bad setting fails now, not after the benchmark is rendered
+    dataset = ensure_benchmark(out / "data", preset, seed)
     results: dict[str, Any] = {"preset": preset, "rounds": rounds, "total_steps": steps, "seed": seed,
                                "dataset": dataset.get("counts"), "arms": {}}
     for arm in ("static", "loop", "2d-only"):
@@ -220,7 +239,7 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address):
     results["init_comparison"] = init_comparison(out / "loop", arm_config(base, "loop", steps, rounds), rounds - 1)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["command"] = f"spin-pipeline ablation --preset {preset} --rounds {rounds} --steps {steps} --seed {seed}" + (
-        f" --solver {solver}" if solver else "")
+        f" --solver {solver}" if solver else "") + "".join(f" --train {pair}" for pair in train_settings)
     (out / "ablation.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "ablation.md").write_text(table_markdown(results))
     png = plot(results, out / "ablation_pa_mpjpe.png")

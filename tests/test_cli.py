@@ -52,9 +52,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["train", "--round", "0", "--run", "{tmp}/run2"], "no finished fits"),
     (["body-model", "info", "{tmp}/missing.npz"], "not found"),
     (["compare", "--run", "{tmp}/nothing"], "run directory not found"),
+    (["ablation", "--out", "{tmp}/abl", "--train", "batch_size"], "expected KEY=VALUE"),
+    (["ablation", "--out", "{tmp}/abl", "--train", "bach_size=64"], "unknown training settings"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert not (tmp_path / "abl" / "data").exists()  # nothing rendered before the settings were checked

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline import rundir
 from pipeline.config import RunConfig, save_config
@@ -175,9 +176,11 @@ def test_ablation_runs_three_comparable_arms(tiny_benchmark, tmp_path):
 
     out = tmp_path / "ablation"
     shutil.copytree(tiny_benchmark, out / "data")
-    result = CliRunner().invoke(cli, ["ablation", "--preset", "tiny", "--rounds", "2", "--steps", "6", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["ablation", "--preset", "tiny", "--rounds", "2", "--steps", "6", "--out", str(out),
+                                      "--train", "batch_size=4"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "ablation.json").read_text())
+    assert report["command"].endswith("--train batch_size=4")
     assert set(report["arms"]) == {"2d-only", "static", "loop"}
     assert [r["round"] for r in report["arms"]["loop"]["rounds"]] == [0, 1]
     assert len(report["arms"]["static"]["rounds"]) == 1
@@ -186,6 +189,8 @@ def test_ablation_runs_three_comparable_arms(tiny_benchmark, tmp_path):
     assert report["ratios"]["loop_vs_static"] == pytest.approx(reg["loop"] / reg["static"])
     for arm, steps in (("2d-only", 6), ("static", 6)):
         assert rundir.read_success(out / arm, 0, "model")["steps"] == steps
+    for arm in report["arms"]:
+        assert yaml.safe_load((out / arm / "config.yaml").read_text())["train"]["batch_size"] == 4
     assert sum(rundir.read_success(out / "loop", r, "model")["trained_steps"] for r in (0, 1)) == 6
     assert report["mean_pose_reference"]["evaluated_3d"] == report["arms"]["static"]["regressor"]["evaluated_3d"]
     assert report["mean_pose_reference"]["pa_mpjpe"] > 0
