@@ -156,6 +156,12 @@ def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_addres
 
     from pipeline.ray_session import ensure_ray
 
+    expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
+    for name in [n for n, rows in expected.items() if rows == 0]:  # nothing to fit, and no row would commit it
+        write_table(FITS_SCHEMA.empty_table(), storage.join(out_dir, name))
+    pending = [p for p in pending if expected[storage.basename(p)] > 0]
+    if not pending:
+        return
     ensure_ray(ray_address, progress)
     plan = plan_resources(config)
     device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
@@ -163,7 +169,6 @@ def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_addres
     # the driver and raylet (measured by bench/fit_stage.py: 2 threads on 2 cores ran slower than 1).
     threads = max(1, int(plan["cpus_per_actor"]))
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
-    expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
     present = set(metadata[storage.basename(pending[0])].schema.to_arrow_schema().names)
     spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present])
     ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))

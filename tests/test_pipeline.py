@@ -53,6 +53,7 @@ def test_two_rounds_end_to_end(tiny_benchmark, tmp_path):
 
     data = tmp_path / "data"
     bad_id = copy_with_bad_sample(tiny_benchmark, data)
+    write_table(SAMPLES_SCHEMA.empty_table(), data / "train" / "part-99999.parquet")  # a shard with no rows
     run = tmp_path / "run"
     config = config_for(data)
     results = run_pipeline(run, config, rounds=2, progress=False)
@@ -60,6 +61,8 @@ def test_two_rounds_end_to_end(tiny_benchmark, tmp_path):
     for r in (0, 1):
         for step in ("fits", "model", "eval"):
             assert rundir.is_done(run, r, step)
+        empty = rundir.step_dir(run, r, "fits") / "part-99999.parquet"
+        assert pq.ParquetFile(empty).metadata.num_rows == 0
     round0, round1 = read_fits(run, 0), read_fits(run, 1)
     ids0 = round0.column("sample_id").to_pylist()
     ids1 = round1.column("sample_id").to_pylist()
