@@ -11,7 +11,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fitting.body_model import builtin_body_model_path, load_body_model
 from fitting.keypoints import GT24, KEYPOINT_NAMES, NUM_KEYPOINTS
 from pipeline.cli import main
 from trainer.samples import (

@@ -66,7 +66,7 @@ def test_slanted_plane_depth_is_perspective_correct():
     verts = np.stack([xs, ys, 2.0 + 0.5 * xs], 1)
     r = render(verts, np.array([[0, 1, 2], [0, 2, 3]]), 50.0, (32.0, 32.0), 64)
     i, j = 32 + 5, 32 + 15  # pixel centre (47.5, 37.5): ray direction ((u - c) / f, (v - c) / f, 1)
-    dx, dy = (j + 0.5 - 32) / 50.0, (i + 0.5 - 32) / 50.0
+    dx = (j + 0.5 - 32) / 50.0
     z = 2.0 / (1.0 - 0.5 * dx)  # ray t*(dx, dy, 1) meets z = 2 + 0.5 x
     assert r.mask[i, j] and r.depth[i, j] == pytest.approx(z, rel=1e-5)
 

@@ -15,7 +15,7 @@ import pytest
 from fitting.errors import BadInput
 from pipeline import rundir
 from trainer import storage
-from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, read_table, shard_paths, to_numpy, write_table
+from trainer.tables import FITS_SCHEMA, read_table, shard_paths, to_numpy, write_table
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
