@@ -22,10 +22,8 @@ import click
 import numpy as np
 import yaml
 
-from fitting.errors import BadInput
-
 from pipeline import rundir
-from pipeline.config import RunConfig, apply_overrides, save_config
+from pipeline.config import RunConfig, apply_overrides, key_value_pairs, save_config
 from pipeline.demo import ensure_benchmark
 from pipeline.rounds import eval_round, headline, run_pipeline, train_config_for
 from pipeline.tracking import Tracker
@@ -34,17 +32,6 @@ ARMS = ("2d-only", "static", "loop")
 TABLE_KEYS = (("mpjpe", "MPJPE"), ("pa_mpjpe", "PA-MPJPE"), ("pck", "PCK"), ("auc", "AUC"),
               ("pa_pck", "PA-PCK"), ("pa_auc", "PA-AUC"), ("fg_accuracy", "FB acc"), ("fg_f1", "FB F1"),
               ("parts_accuracy", "parts acc"), ("parts_f1", "parts F1"))
-
-
-def settings(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """KEY=VALUE pairs as a dict, each VALUE read as YAML (64 -> int, 3e-4 -> float)."""
-    out: dict[str, Any] = {}
-    for text in pairs:
-        key, sep, value = text.partition("=")
-        if not sep or not key or key in out:
-            raise BadInput(f"--train {text!r}: expected KEY=VALUE, each KEY once")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def arm_config(base: RunConfig, arm: str, steps: int, rounds: int) -> RunConfig:
@@ -204,8 +191,9 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
     out = Path(out_dir)
     steps = steps or rounds * int(TRAIN_PRESETS[preset]["steps"])
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    train = {key: yaml.safe_load(value) for key, value in key_value_pairs(train_settings, "--train").items()}  # "64" -> 64
     base = RunConfig.from_dict({"data": str((out / "data").resolve()), "rounds": rounds, "seed": seed,
-                                "train_preset": preset, "train": settings(train_settings),
+                                "train_preset": preset, "train": train,
                                 "fit": {"solver": solver or ""},
                                 "tracking": {"experiment": "ablation", "tracking_uri": uri}})
     train_config_for(base)  # a bad setting fails now, not after the benchmark is rendered

@@ -99,6 +99,17 @@ def load_config(path: str | Path | None) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
+def key_value_pairs(texts: tuple[str, ...], option: str, key_name: str = "KEY") -> dict[str, str]:
+    """Repeatable `OPTION KEY=VALUE` flags as a dict of strings; each KEY once."""
+    out: dict[str, str] = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key or key in out:
+            raise BadInput(f"{option} {text!r}: expected {key_name}=VALUE, each {key_name} once")
+        out[key] = value
+    return out
+
+
 def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Dotted keys ('fit.batch_size') with non-None values replace config values."""
     data = config.to_dict()

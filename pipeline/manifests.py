@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from fitting.errors import BadInput
+from pipeline.config import key_value_pairs
 
 RAY_VERSION = "2.60.0"  # the Ray of docker/Dockerfile's base image; a test keeps the two equal
 KINDS = ("fit", "train", "run")
@@ -350,16 +351,6 @@ def check_entrypoint(argv: list[str]) -> None:
             raise BadInput(f"entrypoint {shlex.join(argv)!r} does not parse: {exc.format_message()}") from None
 
 
-def _pairs(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for text in values:
-        key, sep, value = text.partition("=")
-        if not sep or key in out:
-            raise BadInput(f"--env {text!r}: expected NAME=VALUE, each NAME once")
-        out[key] = value
-    return out
-
-
 @click.group("manifests")
 def manifests() -> None:
     """KubeRay RayJob manifests for a fit round, a train round or a full run."""
@@ -401,7 +392,7 @@ def render(out: str, round_: int | None, run_: str, volumes: tuple[str, ...], en
       --workers 4 -- --solver adam
     """
     spec = JobSpec.from_dict({**options, "round": round_, "run": run_, "volumes": list(volumes),
-                              "env": _pairs(env), "env_secrets": list(env_secrets),
+                              "env": key_value_pairs(env, "--env", "NAME"), "env_secrets": list(env_secrets),
                               "extra_args": list(extra_args)})
     check_entrypoint(entrypoint_argv(spec))
     text = render_yaml(spec)
