@@ -99,8 +99,7 @@ def measure(mode: str, data: Path, work: Path, actors: int) -> dict:
             start = time.perf_counter()
             fitter = ShardFitter(FitterSpec(round_index=0, run=str(work), smplify=SMPLIFY, threads=1, batch_size=BATCH))
             for path in sorted((data / "train").glob("*.parquet")):
-                fitter.fit_shard(str(path))
-                commits.append((time.time(), pq.ParquetFile(path).metadata.num_rows))
+                commits.append((time.time(), len(fitter.fit_shard(str(path)))))
             seconds = time.perf_counter() - start
     else:
         from pipeline.config import RunConfig
