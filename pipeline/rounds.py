@@ -61,7 +61,11 @@ def train_config_for(config: RunConfig):
 
     if config.train_preset not in TRAIN_PRESETS:
         raise BadInput(f"unknown train preset '{config.train_preset}'; choose from {sorted(TRAIN_PRESETS)}")
-    merged = {**TRAIN_PRESETS[config.train_preset], **config.train}
+    preset = TRAIN_PRESETS[config.train_preset]
+    merged = {**preset, **config.train}
+    for group in ("weights", "augment"):  # a run's own loss weight keeps the preset's others
+        if isinstance(preset.get(group), dict) and isinstance(config.train.get(group), dict):
+            merged[group] = {**preset[group], **config.train[group]}
     merged.setdefault("seed", config.seed)
     return TrainConfig.from_dict(merged)
 

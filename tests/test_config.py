@@ -61,3 +61,15 @@ def test_previous_fits_of_a_batch_spanning_two_shards():
     has_old, old = gather_previous(ids, shards, previous.__getitem__)
     assert has_old.tolist() == [True, False, True, True, True]
     assert old["loss"].tolist() == [2.0, 4.0, 1.0, 3.0]
+
+
+def test_a_runs_own_loss_weight_keeps_the_presets_others():
+    from pipeline.rounds import train_config_for
+
+    base = RunConfig.from_dict({"train_preset": "small"})
+    assert train_config_for(base).weights.keypoints == 0.5
+    own = train_config_for(apply_overrides(base, {"train.weights": {"pose": 2.0}, "train.steps": 7}))
+    assert (own.weights.keypoints, own.weights.pose, own.steps) == (0.5, 2.0, 7)
+    assert train_config_for(apply_overrides(base, {"train.weights": {"keypoints": 5.0}})).weights.keypoints == 5.0
+    with pytest.raises(BadInput, match="unknown loss weights"):
+        train_config_for(apply_overrides(base, {"train.weights": {"keypoint": 1.0}}))

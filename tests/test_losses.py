@@ -116,6 +116,24 @@ def test_two_d_mode_adds_priors(body):
         compute_losses(pred, batch, body, LossWeights(), mode="3d")
 
 
+def test_two_d_mode_priors_follow_the_keypoint_weight(body):
+    # SMPLify's balance of data and priors: the keypoint weight scales the whole 2D-only loss
+    pred, batch = _truth(body)
+    pred.betas = pred.betas + 0.3
+    batch["keypoints"] = batch["keypoints"].clone()
+    batch["keypoints"][..., :2] += 0.05
+    prior = GMMPrior.from_arrays(np.zeros((8, 69)), np.tile(np.eye(69), (8, 1, 1)), np.full(8, 1 / 8))
+    quiet = dict(keypoints_3d=0.0, pose=0.0, betas=0.0, cam=0.0)
+    spin = compute_losses(pred, batch, body, LossWeights(keypoints=5.0, **quiet), mode="2d", prior=prior)
+    tenth = compute_losses(pred, batch, body, LossWeights(keypoints=0.5, **quiet), mode="2d", prior=prior)
+    assert float(spin.terms["shape_prior"].mean()) > 0 and float(spin.terms["keypoints"].mean()) > 0
+    torch.testing.assert_close(tenth.total, spin.total / 10)
+    data = 5.0 * spin.terms["keypoints"].mean()
+    priors = 5.0 / (98 * 112.0 ** 2) * (4.78 ** 2 * spin.terms["pose_prior"] + 15.2 ** 2 * spin.terms["angle_prior"]
+                                        + 5.0 ** 2 * spin.terms["shape_prior"]).mean()
+    torch.testing.assert_close(spin.total, 60.0 * (data + priors))
+
+
 def test_shape_guard_and_fit_targets(body):
     samples, fits = make_samples(body, 4, size=32)
     betas = to_numpy(fits, "betas").copy()

@@ -12,7 +12,8 @@ The 2D-only mode adds priors on the prediction in place of fits (the HMR-style b
 SMPLify's GMM pose prior, angle prior and shape prior, weighted relative to the keypoint term as
 SMPLify weighs them against its pixel-space data term: SPIN's final SMPLify weights (4.78^2,
 15.2^2, 5^2) divided by the 98 * 112^2 that turns the normalized keypoint MSE into SMPLify's
-summed squared pixel error, times the keypoint weight 5.
+summed squared pixel error, times the keypoint weight. Because the priors follow the keypoint
+weight, that weight only sets the balance between the 2D term and the fits' pose and shape.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from fitting.priors import angle_prior, shape_prior
 from trainer.model import RegressorOutput, cam_translation
 
 MODES = ("fits", "2d")
-_SMPLIFY_TO_NORMALIZED = 5.0 / (98 * 112.0 ** 2)
+_SMPLIFY_TO_NORMALIZED = 1.0 / (98 * 112.0 ** 2)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class LossWeights:
     scale: float = 60.0
     openpose: float = 0.0        # confidence factor of the OpenPose block (SPIN trains on the GT block)
     gt_keypoints: float = 1.0    # confidence factor of the ground-truth block
-    pose_prior: float = 4.78 ** 2 * _SMPLIFY_TO_NORMALIZED   # 2D-only mode
+    pose_prior: float = 4.78 ** 2 * _SMPLIFY_TO_NORMALIZED   # 2D-only mode, times `keypoints`
     angle_prior: float = 15.2 ** 2 * _SMPLIFY_TO_NORMALIZED
     shape_prior: float = 5.0 ** 2 * _SMPLIFY_TO_NORMALIZED
 
@@ -177,5 +178,7 @@ def compute_losses(
         terms["shape_prior"] = shape_prior(out.betas)
         for name in ("pose_prior", "angle_prior", "shape_prior"):
             masks[name] = usable
-    total = sum(getattr(weights, name) * masked_mean(terms[name], masks[name]) for name in terms)
+    factors = {name: weights.keypoints for name in ("pose_prior", "angle_prior", "shape_prior")}
+    total = sum(factors.get(name, 1.0) * getattr(weights, name) * masked_mean(terms[name], masks[name])
+                for name in terms)
     return LossResult(total=weights.scale * total, terms=terms, masks=masks, keypoint_per_joint=per_joint)
