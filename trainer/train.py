@@ -113,10 +113,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
              "num_workers": 0, "checkpoint_every": 6, "log_every": 2, "backbone_weights": "none"},
     # the demo and the ablation on a 2-core CPU: minutes. A tenth of SPIN's keypoint weight: a
     # network trained from scratch for minutes matches the 2D keypoints with implausible 3D poses
-    # before it learns to read them, and at weight 5 scores worse than the mean pose
+    # before it learns to read them, and at weight 5 scores worse than the mean pose. The loss is
+    # then about a tenth as large, and so is the gradient clip (at 100 the camera scale could
+    # turn negative and the loss diverge)
     "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 500,
               "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none",
-              "weights": {"keypoints": 0.5}},
+              "weights": {"keypoints": 0.5}, "grad_clip": 10.0},
     # the paper: ResNet-50 (ImageNet weights where cached), 224 px, batch 64, Adam 5e-5
     "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
               "num_workers": 8, "checkpoint_every": 1000, "log_every": 50, "backbone_weights": "auto"},
