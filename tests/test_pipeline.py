@@ -168,8 +168,9 @@ def test_corrupt_shard_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_runs_three_comparable_arms(tiny_benchmark, tmp_path):
-    """`spin-pipeline ablation` on the tiny benchmark: three arms with the same total steps, the
-    loop's rounds, the mean-pose reference, the init comparison, the table, the plot and MLflow."""
+    """`spin-pipeline ablation` on the tiny benchmark: three arms and the oracle with the same total
+    steps, the loop's rounds, the mean-pose reference, the init comparison, the table, the plot
+    and MLflow."""
     import json
 
     import mlflow
@@ -184,13 +185,17 @@ def test_ablation_runs_three_comparable_arms(tiny_benchmark, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "ablation.json").read_text())
     assert report["command"].endswith("--train batch_size=4")
-    assert set(report["arms"]) == {"2d-only", "static", "loop"}
+    assert set(report["arms"]) == {"2d-only", "static", "loop", "oracle"}
     assert [r["round"] for r in report["arms"]["loop"]["rounds"]] == [0, 1]
     assert len(report["arms"]["static"]["rounds"]) == 1
     reg = {arm: report["arms"][arm]["regressor"]["pa_mpjpe"] for arm in report["arms"]}
     assert report["ratios"]["static_vs_2d"] == pytest.approx(reg["static"] / reg["2d-only"])
     assert report["ratios"]["loop_vs_static"] == pytest.approx(reg["loop"] / reg["static"])
-    for arm, steps in (("2d-only", 6), ("static", 6)):
+    assert report["ratios"]["oracle_vs_static"] == pytest.approx(reg["oracle"] / reg["static"])
+    # the oracle's table is the train split's ground truth, joined to the right samples
+    oracle_labels = report["arms"]["oracle"]["fits"]
+    assert oracle_labels["matched"] == oracle_labels["fits"] > 0 and oracle_labels["mpjpe"] < 1e-3
+    for arm, steps in (("2d-only", 6), ("static", 6), ("oracle", 6)):
         assert rundir.read_success(out / arm, 0, "model")["steps"] == steps
     for arm in report["arms"]:
         assert yaml.safe_load((out / arm / "config.yaml").read_text())["train"]["batch_size"] == 4
@@ -199,9 +204,9 @@ def test_ablation_runs_three_comparable_arms(tiny_benchmark, tmp_path):
     assert report["mean_pose_reference"]["pa_mpjpe"] > 0
     assert set(report["init_comparison"]) == {"mean", "network"}
     table = (out / "ablation.md").read_text()
-    assert "| loop |" in table and "| mean pose, no image |" in table
+    assert "| loop |" in table and "| mean pose, no image |" in table and "| ground-truth labels |" in table
     assert (out / "ablation_pa_mpjpe.png").stat().st_size > 0
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ablation")
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-    assert {"2d-only", "static", "loop"} <= names
+    assert {"2d-only", "static", "loop", "oracle"} <= names
