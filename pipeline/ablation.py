@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 import numpy as np
+import pyarrow as pa
 import yaml
 
 from pipeline import rundir
@@ -61,27 +62,34 @@ def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, A
     return summary
 
 
-def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
-    """The oracle arm's round-0 table: the train split's ground-truth pose and shape in the fits
-    schema (init 'gt'), so that it trains through the same code as the fits."""
+def truth_table(data: str | Path) -> pa.Table:
+    """The train split's ground-truth pose and shape in the fits schema (init 'gt'): labels that
+    train through the same code as the fits."""
     import pyarrow.compute as pc
 
     from pipeline.evaluation import read_split
-    from trainer.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy, write_table
+    from trainer.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy
 
-    if rundir.is_done(run, 0, "fits"):
-        return rundir.read_success(run, 0, "fits")
-    truth = read_split(config.data, "truth", ["sample_id", "has_smpl", "pose", "betas"])
+    truth = read_split(data, "truth", ["sample_id", "has_smpl", "pose", "betas"])
     truth = truth.filter(pc.fill_null(truth.column("has_smpl"), False))
     n = len(truth)
-    table = make_table({
+    return make_table({
         "sample_id": truth.column("sample_id").to_pylist(), "pose": to_numpy(truth, "pose"),
         "betas": to_numpy(truth, "betas"), "cam_t": np.zeros((n, 3), np.float32), "loss": np.zeros(n, np.float32),
         "joint_loss": np.zeros((n, NUM_KEYPOINTS), np.float32), "valid": np.ones(n, bool), "betas_ok": np.ones(n, bool),
         "found_in_round": np.zeros(n, np.int32), "init": ["gt"] * n, "iterations": np.zeros(n, np.int32),
     }, FITS_SCHEMA)
+
+
+def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
+    """The oracle arm's round 0: the truth table in place of the fits."""
+    from trainer.tables import write_table
+
+    if rundir.is_done(run, 0, "fits"):
+        return rundir.read_success(run, 0, "fits")
+    table = truth_table(config.data)
     write_table(table, rundir.step_dir(run, 0, "fits") / "part-00000.parquet")
-    summary = {"fits": n, "init": "gt", "round": 0}
+    summary = {"fits": len(table), "init": "gt", "round": 0}
     rundir.mark_done(run, 0, "fits", summary)
     return summary
 
