@@ -196,9 +196,10 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(rounds, [r["reg_pa_mpjpe"] for r in rows], marker="o", label="in the loop: regressor")
     ax.plot(rounds, [r["fit_pa_mpjpe"] for r in rows], marker="s", label="in the loop: fits")
-    for arm, style, label in (("static", "--", "static"), ("2d-only", ":", "2d-only"), ("oracle", (0, (1, 4)), ORACLE)):
+    for arm, style, color, label in (("static", "--", "gray", "static"), ("2d-only", ":", "gray", "2d-only"),
+                                     ("oracle", ":", "tab:green", ORACLE)):
         if arm in results["arms"]:
-            ax.axhline(results["arms"][arm]["regressor"]["pa_mpjpe"], linestyle=style, color="gray", label=f"{label}: regressor")
+            ax.axhline(results["arms"][arm]["regressor"]["pa_mpjpe"], linestyle=style, color=color, label=f"{label}: regressor")
     if results.get("mean_pose_reference"):
         ax.axhline(results["mean_pose_reference"]["pa_mpjpe"], linestyle="-.", color="black", label="mean pose, no image")
     ax.set_xlabel("round"), ax.set_ylabel("PA-MPJPE (mm)"), ax.set_xticks(rounds), ax.grid(alpha=0.3), ax.legend(fontsize=8)
