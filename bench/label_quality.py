@@ -34,9 +34,9 @@ from trainer.tables import SAMPLES_SCHEMA, write_shards  # noqa: E402
 from trainer.train import TRAIN_PRESETS, load_regressor, train_regressor  # noqa: E402
 
 
-def train_images_with_truth(data: Path, out: Path, num: int) -> Path:
+def train_images_with_truth(data: Path, truth: pa.Table, out: Path, num: int) -> Path:
     """The first `num` train samples with their held-out truth joined in, as an evaluation split."""
-    train, truth = read_split(data, "train").slice(0, num), read_split(data, "truth")
+    train = read_split(data, "train").slice(0, num)
     where = {sid: i for i, sid in enumerate(truth.column("sample_id").to_pylist())}
     take = pa.array([where[sid] for sid in train.column("sample_id").to_pylist()])
     for name in ("has_smpl", "pose", "betas", "joints3d"):
@@ -66,7 +66,7 @@ def main() -> None:
     config = {**TRAIN_PRESETS[args.preset], "steps": args.steps, "seed": args.seed, "checkpoint_every": 10**9}
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        train_eval = train_images_with_truth(data, Path(tmp) / "train-eval", args.train_images)
+        train_eval = train_images_with_truth(data, truth, Path(tmp) / "train-eval", args.train_images)
         for name in args.labels.split(","):
             labels = sources[name]()
             start = time.perf_counter()

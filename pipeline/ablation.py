@@ -32,7 +32,7 @@ from pipeline.rounds import eval_round, headline, run_pipeline, train_config_for
 from pipeline.tracking import Tracker
 
 ARMS = ("2d-only", "static", "loop")
-ORACLE = "ground-truth labels"
+LABELS = {arm: arm for arm in ARMS} | {"oracle": "ground-truth labels"}  # table rows, plot legend
 TABLE_KEYS = (("mpjpe", "MPJPE"), ("pa_mpjpe", "PA-MPJPE"), ("pck", "PCK"), ("auc", "AUC"),
               ("pa_pck", "PA-PCK"), ("pa_auc", "PA-AUC"), ("fg_accuracy", "FB acc"), ("fg_f1", "FB F1"),
               ("parts_accuracy", "parts acc"), ("parts_f1", "parts F1"))
@@ -159,12 +159,11 @@ def table_markdown(results: dict[str, Any]) -> str:
     arms = results["arms"]
     lines = ["| | " + " | ".join(label for _, label in TABLE_KEYS) + " |",
              "|---|" + "---|" * len(TABLE_KEYS)]
-    for arm in ARMS + ("oracle",):
-        if arm in arms:
-            reg = arms[arm]["regressor"]
-            cells = [("-" if reg.get(k) is None else f"{reg[k]:.1f}" if "mpjpe" in k or k in ("pck", "auc", "pa_pck", "pa_auc")
-                      else f"{reg[k]:.3f}") for k, _ in TABLE_KEYS]
-            lines.append(f"| {ORACLE if arm == 'oracle' else arm} | " + " | ".join(cells) + " |")
+    for arm in (arm for arm in LABELS if arm in arms):
+        reg = arms[arm]["regressor"]
+        cells = [("-" if reg.get(k) is None else f"{reg[k]:.1f}" if "mpjpe" in k or k in ("pck", "auc", "pa_pck", "pa_auc")
+                  else f"{reg[k]:.3f}") for k, _ in TABLE_KEYS]
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     reference = results.get("mean_pose_reference")
     if reference:
         cells = [f"{reference[k]:.1f}" if k in reference else "-" for k, _ in TABLE_KEYS]
@@ -172,7 +171,7 @@ def table_markdown(results: dict[str, Any]) -> str:
     ratios = results["ratios"]
     lines += ["", f"PA-MPJPE ratios: static / 2d-only = {ratios['static_vs_2d']:.3f} (target <= 0.85), "
                   f"loop / static = {ratios['loop_vs_static']:.3f} (target <= 0.90)."
-              + (f" {ORACLE} / static = {ratios['oracle_vs_static']:.3f}: the most better labels give at this budget."
+              + (f" {LABELS['oracle']} / static = {ratios['oracle_vs_static']:.3f}: the most better labels give at this budget."
                  if "oracle_vs_static" in ratios else ""), "",
               "| round | fits acceptance | fits PA-MPJPE | regressor PA-MPJPE |", "|---|---|---|---|"]
     for row in arms["loop"]["rounds"]:
@@ -196,10 +195,10 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(rounds, [r["reg_pa_mpjpe"] for r in rows], marker="o", label="in the loop: regressor")
     ax.plot(rounds, [r["fit_pa_mpjpe"] for r in rows], marker="s", label="in the loop: fits")
-    for arm, style, color, label in (("static", "--", "gray", "static"), ("2d-only", ":", "gray", "2d-only"),
-                                     ("oracle", ":", "tab:green", ORACLE)):
+    for arm, style, color in (("static", "--", "gray"), ("2d-only", ":", "gray"), ("oracle", ":", "tab:green")):
         if arm in results["arms"]:
-            ax.axhline(results["arms"][arm]["regressor"]["pa_mpjpe"], linestyle=style, color=color, label=f"{label}: regressor")
+            ax.axhline(results["arms"][arm]["regressor"]["pa_mpjpe"], linestyle=style, color=color,
+                       label=f"{LABELS[arm]}: regressor")
     if results.get("mean_pose_reference"):
         ax.axhline(results["mean_pose_reference"]["pa_mpjpe"], linestyle="-.", color="black", label="mean pose, no image")
     ax.set_xlabel("round"), ax.set_ylabel("PA-MPJPE (mm)"), ax.set_xticks(rounds), ax.grid(alpha=0.3), ax.legend(fontsize=8)
