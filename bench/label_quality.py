@@ -8,7 +8,8 @@ regressor's PA-MPJPE on the test split and on the first train images, and test_v
 test PA-MPJPE / the round-0 fits' test PA-MPJPE.
 
     spin-pipeline ablation --preset small --steps 3000 --out ABL    # makes ABL/data and the fits
-    python bench/label_quality.py --ablation ABL --steps 3000 [--labels fits0,fits_last,truth] [--out FILE]
+    python bench/label_quality.py --ablation ABL --steps 3000 [--labels fits0,fits_last,truth]
+        [--train KEY=VALUE ...] [--out FILE]
 """
 from __future__ import annotations
 
@@ -21,17 +22,20 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitting.body_model import load_body_model  # noqa: E402
+from fitting.errors import BadInput  # noqa: E402
 from pipeline import rundir  # noqa: E402
 from pipeline.ablation import truth_table  # noqa: E402
+from pipeline.config import key_value_pairs  # noqa: E402
 from pipeline.evaluation import read_split  # noqa: E402
 from pipeline.fit_stage import read_fits  # noqa: E402
 from trainer.evaluate import evaluate_fits, evaluate_regressor  # noqa: E402
 from trainer.tables import SAMPLES_SCHEMA, write_shards  # noqa: E402
-from trainer.train import TRAIN_PRESETS, load_regressor, train_regressor  # noqa: E402
+from trainer.train import TRAIN_PRESETS, TrainConfig, load_regressor, train_regressor  # noqa: E402
 
 
 def train_images_with_truth(data: Path, truth: pa.Table, out: Path, num: int) -> Path:
@@ -49,21 +53,38 @@ def train_images_with_truth(data: Path, truth: pa.Table, out: Path, num: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ablation", required=True, type=Path, help="an ablation's output folder")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--labels", default="fits0,fits_last,truth")
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=3000, help="training steps per label source (default 3000)")
+    parser.add_argument("--labels", default="fits0,fits_last,truth", help="label sources, comma-separated (default all three)")
+    parser.add_argument("--preset", default="small", choices=sorted(TRAIN_PRESETS), help="training preset (default small)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--train-images", type=int, default=400, help="train images scored against their truth")
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting on top of the preset, as the ablation's --train, e.g. "
+                             "'augment={flip_prob: 0}'; repeatable")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     data, loop = args.ablation / "data", args.ablation / "loop"
-    last = max(rundir.finished_rounds(loop, "fits"))
+    finished = rundir.finished_rounds(loop, "fits") if loop.is_dir() else []
+    if not finished or not (data / "train").is_dir():
+        parser.error(f"{args.ablation} has no data/train or no finished loop/round=N/fits: run the ablation first")
+    try:
+        overrides = {key: yaml.safe_load(value) for key, value in key_value_pairs(tuple(args.train), "--train").items()}
+    except BadInput as exc:
+        parser.error(str(exc))
+    last = max(finished)
     sources = {"fits0": lambda: read_fits(loop, 0), "fits_last": lambda: read_fits(loop, last),
                "truth": lambda: truth_table(data)}
+    unknown = set(args.labels.split(",")) - set(sources)
+    if unknown:
+        parser.error(f"unknown label sources {sorted(unknown)} (choose from {', '.join(sources)})")
     body = load_body_model(None)
     truth = read_split(data, "truth")
-    config = {**TRAIN_PRESETS[args.preset], "steps": args.steps, "seed": args.seed, "checkpoint_every": 10**9}
+    config = {**TRAIN_PRESETS[args.preset], **overrides, "steps": args.steps, "seed": args.seed, "checkpoint_every": 10**9}
+    try:
+        TrainConfig.from_dict(config)
+    except BadInput as exc:
+        parser.error(str(exc))
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         train_eval = train_images_with_truth(data, truth, Path(tmp) / "train-eval", args.train_images)
@@ -82,7 +103,7 @@ def main() -> None:
     baseline = rows.get("fits0", {}).get("test_pa_mpjpe")
     for row in rows.values():
         row["test_vs_baseline"] = round(row["test_pa_mpjpe"] / baseline, 3) if baseline else None
-    result = {"ablation": str(args.ablation), "preset": args.preset, "steps": args.steps, "seed": args.seed,
+    result = {"ablation": str(args.ablation), "preset": args.preset, "train": overrides, "steps": args.steps, "seed": args.seed,
               "last_loop_round": last, "machine": platform.machine(), "labels": rows}
     text = json.dumps(result, indent=2)
     print(text)
