@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,7 +29,7 @@ from fitting.body_model import load_body_model  # noqa: E402
 from fitting.errors import BadInput  # noqa: E402
 from pipeline import rundir  # noqa: E402
 from pipeline.ablation import truth_table  # noqa: E402
-from pipeline.config import key_value_pairs  # noqa: E402
+from pipeline.config import yaml_settings  # noqa: E402
 from pipeline.evaluation import read_split  # noqa: E402
 from pipeline.fit_stage import read_fits  # noqa: E402
 from trainer.evaluate import evaluate_fits, evaluate_regressor  # noqa: E402
@@ -69,7 +68,7 @@ def main() -> None:
     if not finished or not (data / "train").is_dir():
         parser.error(f"{args.ablation} has no data/train or no finished loop/round=N/fits: run the ablation first")
     try:
-        overrides = {key: yaml.safe_load(value) for key, value in key_value_pairs(tuple(args.train), "--train").items()}
+        overrides = yaml_settings(tuple(args.train), "--train")
     except BadInput as exc:
         parser.error(str(exc))
     last = max(finished)

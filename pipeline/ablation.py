@@ -23,10 +23,9 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
-import yaml
 
 from pipeline import rundir
-from pipeline.config import RunConfig, apply_overrides, key_value_pairs, save_config
+from pipeline.config import RunConfig, apply_overrides, save_config, yaml_settings
 from pipeline.demo import ensure_benchmark
 from pipeline.rounds import eval_round, headline, run_pipeline, train_config_for
 from pipeline.tracking import Tracker
@@ -235,7 +234,7 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
     out = Path(out_dir)
     steps = steps or rounds * int(TRAIN_PRESETS[preset]["steps"])
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    train = {key: yaml.safe_load(value) for key, value in key_value_pairs(train_settings, "--train").items()}  # "64" -> 64
+    train = yaml_settings(train_settings, "--train")
     base = RunConfig.from_dict({"data": str((out / "data").resolve()), "rounds": rounds, "seed": seed,
                                 "train_preset": preset, "train": train,
                                 "fit": {"solver": solver or ""},

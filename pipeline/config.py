@@ -110,6 +110,17 @@ def key_value_pairs(texts: tuple[str, ...], option: str, key_name: str = "KEY") 
     return out
 
 
+def yaml_settings(texts: tuple[str, ...], option: str) -> dict[str, Any]:
+    """Repeatable `OPTION KEY=VALUE` flags with YAML values: '64' -> 64, '{keypoints: 5}' -> a dict."""
+    out: dict[str, Any] = {}
+    for key, value in key_value_pairs(texts, option).items():
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise BadInput(f"{option} {key}={value!r}: not a YAML value ({' '.join(str(exc).split())[:120]})") from exc
+    return out
+
+
 def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Dotted keys ('fit.batch_size') with non-None values replace config values."""
     data = config.to_dict()

@@ -54,6 +54,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["compare", "--run", "{tmp}/nothing"], "run directory not found"),
     (["ablation", "--out", "{tmp}/abl", "--train", "batch_size"], "expected KEY=VALUE"),
     (["ablation", "--out", "{tmp}/abl", "--train", "bach_size=64"], "unknown training settings"),
+    (["ablation", "--out", "{tmp}/abl", "--train", "augment=[0.5"], "not a YAML value"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli(*[a.format(tmp=tmp_path) for a in args])
