@@ -73,7 +73,7 @@ def main() -> None:
         parser.error(str(exc))
     last = max(finished)
     sources = {"fits0": lambda: read_fits(loop, 0), "fits_last": lambda: read_fits(loop, last),
-               "truth": lambda: truth_table(data)}
+               "truth": lambda: truth_table(truth)}
     unknown = set(args.labels.split(",")) - set(sources)
     if unknown:
         parser.error(f"unknown label sources {sorted(unknown)} (choose from {', '.join(sources)})")

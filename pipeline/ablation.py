@@ -61,15 +61,13 @@ def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, A
     return summary
 
 
-def truth_table(data: str | Path) -> pa.Table:
-    """The train split's ground-truth pose and shape in the fits schema (init 'gt'): labels that
-    train through the same code as the fits."""
+def truth_table(truth: pa.Table) -> pa.Table:
+    """The train split's ground truth (its sample_id, has_smpl, pose and betas) in the fits schema
+    (init 'gt'): labels that train through the same code as the fits."""
     import pyarrow.compute as pc
 
-    from pipeline.evaluation import read_split
     from trainer.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy
 
-    truth = read_split(data, "truth", ["sample_id", "has_smpl", "pose", "betas"])
     truth = truth.filter(pc.fill_null(truth.column("has_smpl"), False))
     n = len(truth)
     return make_table({
@@ -82,11 +80,12 @@ def truth_table(data: str | Path) -> pa.Table:
 
 def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
     """The oracle arm's round 0: the truth table in place of the fits."""
+    from pipeline.evaluation import read_split
     from trainer.tables import write_table
 
     if rundir.is_done(run, 0, "fits"):
         return rundir.read_success(run, 0, "fits")
-    table = truth_table(config.data)
+    table = truth_table(read_split(config.data, "truth", ["sample_id", "has_smpl", "pose", "betas"]))
     write_table(table, rundir.step_dir(run, 0, "fits") / "part-00000.parquet")
     summary = {"fits": len(table), "init": "gt", "round": 0}
     rundir.mark_done(run, 0, "fits", summary)
