@@ -66,7 +66,7 @@ def truth_table(truth: pa.Table) -> pa.Table:
     (init 'gt'): labels that train through the same code as the fits."""
     import pyarrow.compute as pc
 
-    from trainer.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy
+    from trainer.data.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy
 
     truth = truth.filter(pc.fill_null(truth.column("has_smpl"), False))
     n = len(truth)
@@ -81,7 +81,7 @@ def truth_table(truth: pa.Table) -> pa.Table:
 def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
     """The oracle arm's round 0: the truth table in place of the fits."""
     from pipeline.evaluation import read_split
-    from trainer.tables import write_table
+    from trainer.data.tables import write_table
 
     if rundir.is_done(run, 0, "fits"):
         return rundir.read_success(run, 0, "fits")
@@ -103,7 +103,7 @@ def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int
     from pipeline.evaluation import read_split
     from trainer.evaluate import evaluate_fits
     from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-    from trainer.tables import FITS_SCHEMA, make_table, to_numpy
+    from trainer.data.tables import FITS_SCHEMA, make_table, to_numpy
     from trainer.train import load_regressor, predict
 
     body, prior = load_body_model(config.body_model or None), load_prior(config.prior or None)

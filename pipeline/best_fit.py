@@ -17,8 +17,8 @@ from fitting.camera import IMG_RES, estimate_translation, normalized_to_pixels
 from fitting.priors import load_prior
 from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
 from pipeline import rundir
-from trainer import storage
-from trainer.tables import FITS_SCHEMA, make_table, read_table, to_numpy
+from trainer.data import storage
+from trainer.data.tables import FITS_SCHEMA, make_table, read_table, to_numpy
 
 
 

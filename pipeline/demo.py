@@ -13,8 +13,8 @@ from pipeline.rounds import headline, resolve_config, run_pipeline
 
 def ensure_benchmark(data: Path, preset: str, seed: int, workers: int | None = None) -> dict[str, Any]:
     """Synthesize the benchmark once; a finished one (dataset.json present) is reused."""
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_run import generate
 
     marker = data / "dataset.json"
     if marker.exists():

@@ -14,9 +14,9 @@ from fitting.camera import FOCAL_LENGTH, IMG_RES
 from pipeline import rundir
 from pipeline.config import RunConfig
 from pipeline.report import metrics_by_round, plot_metrics_by_round
-from trainer import storage
-from trainer.storage import Location
-from trainer.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.data.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
 
 
 def read_split(data: str | Location, split: str, columns: list[str] | None = None) -> pa.Table:
@@ -70,7 +70,7 @@ def fit_overlay_grid(run: Location, round_index: int, config: RunConfig, body, o
 
     from fitting.render import draw_keypoints, overlay_mesh
     from pipeline.fit_stage import read_fits
-    from trainer.samples import decode_image
+    from trainer.data.samples import decode_image
 
     ids = overlay_ids(config)
     if not ids:

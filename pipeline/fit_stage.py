@@ -26,9 +26,9 @@ import pyarrow as pa
 from fitting.errors import BadInput
 from pipeline import rundir
 from pipeline.config import RunConfig
-from trainer import storage
-from trainer.storage import Location
-from trainer.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table, shard_paths, write_table
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table, shard_paths, write_table
 
 FIT_COLUMNS = ["sample_id", "keypoints", "has_smpl", "pose", "betas"]
 

@@ -14,8 +14,8 @@ from fitting.errors import BadInput
 from pipeline import rundir
 from pipeline.config import RunConfig, apply_overrides, load_config, save_config
 from pipeline.tracking import Tracker
-from trainer import storage
-from trainer.storage import Location
+from trainer.data import storage
+from trainer.data.storage import Location
 
 
 def read_config(path: str | Location) -> RunConfig:

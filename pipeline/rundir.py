@@ -9,7 +9,7 @@
     RUN/round=N/eval/_SUCCESS.json       metrics of regressor N and fits N on the test split
 
 A step is done when its _SUCCESS.json exists; readers ignore a round without one.
-RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.storage.
+RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.data.storage.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fitting.errors import BadInput
-from trainer import storage
-from trainer.storage import Location
+from trainer.data import storage
+from trainer.data.storage import Location
 
 STEPS = ("fits", "model", "eval")
 SUCCESS = "_SUCCESS.json"

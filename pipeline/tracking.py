@@ -16,8 +16,8 @@ from typing import Any, Iterable
 import click
 
 from fitting.errors import BadInput
-from trainer import storage
-from trainer.storage import Location
+from trainer.data import storage
+from trainer.data.storage import Location
 
 PARENT_ID_FILE = "mlflow_run_id.txt"
 

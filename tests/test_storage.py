@@ -14,8 +14,8 @@ import pytest
 
 from fitting.errors import BadInput
 from pipeline import rundir
-from trainer import storage
-from trainer.tables import FITS_SCHEMA, read_table, shard_paths, to_numpy, write_table
+from trainer.data import storage
+from trainer.data.tables import FITS_SCHEMA, read_table, shard_paths, to_numpy, write_table
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -112,7 +112,7 @@ def test_storage_round_trips_on_s3(s3, tmp_path):
 
 
 def fits_rows(n: int, start: int = 0) -> pa.Table:
-    from trainer.tables import make_table
+    from trainer.data.tables import make_table
     return make_table({
         "sample_id": [f"s{start + i}" for i in range(n)], "pose": np.zeros((n, 72)), "betas": np.zeros((n, 10)),
         "cam_t": np.ones((n, 3)), "loss": np.arange(n, dtype=np.float32), "joint_loss": np.zeros((n, 49)),

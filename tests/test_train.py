@@ -16,8 +16,8 @@ from fitting.errors import BadInput
 from fitting.keypoints import VERTEX_JOINT_NAMES
 from fitting.priors import GMMPrior
 from tests.toy_body import make_toy_smpl
-from trainer.samples import encode_image
-from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards
+from trainer.data.samples import encode_image
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards
 from trainer.train import TRAIN_PRESETS, TrainConfig, load_regressor, predict, train_regressor
 
 torch.set_num_threads(1)

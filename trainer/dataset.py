@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fitting.errors import BadInput
 from trainer.augment import AugmentConfig, AugParams, augment_image, augment_joints3d, augment_keypoints, augment_pose, sample_params
-from trainer.samples import decode_image, read_image_file, validate_samples
-from trainer.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+from trainer.data.samples import decode_image, read_image_file, validate_samples
+from trainer.data.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
 
 
 def read_samples(samples_dirs: Sequence[str | Path], split: str | None = "train") -> pa.Table:

@@ -25,8 +25,8 @@ from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_
 from trainer.losses import MODES, LossWeights, compute_losses
 from trainer.mean_params import load_mean_params
 from trainer.model import BACKBONES, Regressor, axis_angle_pose, cam_translation, normalize_images
-from trainer.storage import atomic_local
-from trainer.tables import SAMPLES_SCHEMA, conform
+from trainer.data.storage import atomic_local
+from trainer.data.tables import SAMPLES_SCHEMA, conform
 
 CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
 # settings that may change between a run and its resumption

@@ -23,8 +23,8 @@ from fitting.errors import BadInput
 from fitting.keypoints import GT24, KEYPOINT_SOURCE, NUM_KEYPOINTS, SMPL_PARENTS
 from fitting.pose_sampler import sample_body_poses
 from fitting.render import part_labels, render
-from trainer.samples import box_to_center_scale, encode_image, encode_mask, to_normalized
-from trainer.synth_scene import (
+from trainer.data.samples import box_to_center_scale, encode_image, encode_mask, to_normalized
+from trainer.data.synth_scene import (
     annotate_keypoints,
     camera_effects,
     clothing_colors,

@@ -15,8 +15,8 @@ import torch
 from fitting.camera import FOCAL_LENGTH, IMG_RES, estimate_translation
 from fitting.errors import BadInput
 from fitting.keypoints import GT24, SKELETON
-from trainer.samples import DEFAULT_MIN_VISIBLE, decode_image, decode_mask, from_normalized
-from trainer.tables import SAMPLES_SCHEMA, read_table, shard_paths, to_numpy
+from trainer.data.samples import DEFAULT_MIN_VISIBLE, decode_image, decode_mask, from_normalized
+from trainer.data.tables import SAMPLES_SCHEMA, read_table, shard_paths, to_numpy
 
 TILE = 192
 
@@ -40,8 +40,8 @@ def data() -> None:
 def synth(out_dir, preset, seed, img_size, num_train, num_test, shard_size, workers, body_model, overwrite) -> None:
     """Render the synthetic benchmark: DIR/train (2D keypoints only), DIR/test (3D truth and
     masks, for evaluation), DIR/truth (the train split's truth) and DIR/dataset.json."""
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_run import generate
 
     cfg = SynthConfig.from_preset(preset, seed=seed, img_size=img_size, num_train=num_train,
                                   num_test=num_test, shard_size=shard_size, body_model=body_model)
@@ -65,7 +65,7 @@ def synth(out_dir, preset, seed, img_size, num_train, num_test, shard_size, work
 def ingest(npz_file, fmt, images_root, out_dir, dataset, img_size, shard_size, min_visible, workers) -> None:
     """Import a SPIN dataset file (dataset_extras/*.npz) and its images into sample shards;
     bad samples go to OUT/quarantine.parquet with a reason."""
-    from trainer.ingest import ingest_spin_npz
+    from trainer.data.ingest import ingest_spin_npz
 
     summary = ingest_spin_npz(npz_file, images_root, out_dir, dataset=dataset, img_size=img_size,
                               shard_size=shard_size, min_visible=min_visible, workers=workers)
