@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import roma
 import torch
 
+from fitting.body_model import validate_arrays
 from fitting.errors import BadInput
 from fitting.keypoints import EXTRA_JOINT_NAMES, SMPL_JOINT_NAMES, SMPL_PARENTS, VERTEX_JOINT_NAMES
 from fitting.mesh_ops import decimate, fit_sparse_regressor, largest_component, magnify, pca_shapedirs, slab
@@ -135,7 +137,6 @@ def smpl_joint_positions(heads: np.ndarray, labels: list[str]) -> np.ndarray:
 
 def _rotation_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B, 3), (B, 3) -> (B, 3, 3) smallest rotation taking direction a to direction b."""
-    import roma
     a = a / a.norm(dim=-1, keepdim=True)
     b = b / b.norm(dim=-1, keepdim=True)
     axis = torch.cross(a, b, dim=-1)
@@ -384,8 +385,6 @@ def build_body_model(config: BuildConfig, log: Callable[[str], None] = lambda me
 
 def save_body_model(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
     """Validate the arrays and write them as a compressed .npz, atomically."""
-    from fitting.body_model import validate_arrays
-
     validate_arrays(arrays, source="built body model")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

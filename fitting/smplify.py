@@ -9,7 +9,7 @@ optimization while the rest of the batch is fitted.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -29,10 +29,9 @@ from fitting.objective import (
 )
 from fitting.priors import GMMPrior
 from fitting.solvers import SOLVERS, StageProblem, get_solver
+from fitting.stages import PARAMETERS, StageConfig, default_stages
 
-PARAMETERS = ("global_orient", "body_pose", "betas", "cam_t")
 FORWARDS = ("keypoints", "mesh")
-STAGE_DEFAULTS = {"camera": ("global_orient", "cam_t"), "body": ("body_pose", "betas", "global_orient")}
 
 
 def _from_dict(cls, data: dict, what: str) -> dict:
@@ -45,49 +44,8 @@ def _from_dict(cls, data: dict, what: str) -> dict:
     return dict(data)
 
 
-@dataclass
-class StageConfig:
-    """One stage: `name` picks the energy ('camera' | 'body'), `optimize` the free parameters
-    (default per stage as in SPIN), `solver` the solver by name, `options` solver settings."""
-    name: str
-    iterations: int = 100
-    lr: float = 1e-2
-    optimize: tuple[str, ...] = ()
-    solver: str = "lm"
-    options: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.name not in STAGE_DEFAULTS:
-            raise BadInput(f"stage name must be one of {', '.join(STAGE_DEFAULTS)}, got '{self.name}'")
-        self.optimize = tuple(self.optimize) or STAGE_DEFAULTS[self.name]
-        bad = [p for p in self.optimize if p not in PARAMETERS]
-        if bad:
-            raise BadInput(f"stage '{self.name}': cannot optimize '{bad[0]}' (choose from {', '.join(PARAMETERS)})")
-        integer = isinstance(self.iterations, (int, np.integer)) and not isinstance(self.iterations, bool)
-        if not integer or self.iterations < 0:
-            raise BadInput(f"stage '{self.name}': iterations must be an integer >= 0, got {self.iterations!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise BadInput(f"stage '{self.name}': lr must be > 0, got {self.lr!r}")
-        if self.solver not in SOLVERS:
-            raise BadInput(f"stage '{self.name}': unknown solver '{self.solver}' (known: {', '.join(sorted(SOLVERS))})")
-        self.iterations, self.lr, self.options = int(self.iterations), float(self.lr), dict(self.options)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "StageConfig":
-        return cls(**_from_dict(cls, data, "smplify stage"))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "optimize": list(self.optimize)}
-
-
-def default_stages() -> list[StageConfig]:
-    """SPIN's two stages (100 steps at lr 1e-2 each under `solver: adam`), solved by
-    Levenberg-Marquardt, which stops each sample when it converges. The camera stage only
-    places the body for the body stage, which frees the orientation again: it stops at a looser
-    tolerance and after 12 steps. The body stage stops after 20 (about 2% of samples would take
-    longer, for little gain), so that a few slow samples do not hold up a whole batch."""
-    return [StageConfig("camera", 100, 1e-2, options={"ftol": 1e-2, "max_iterations": 12}),
-            StageConfig("body", 100, 1e-2, options={"max_iterations": 20})]
+def _stage_from_dict(data: dict) -> StageConfig:
+    return StageConfig(**_from_dict(StageConfig, data, "smplify stage"))
 
 
 @dataclass
@@ -108,7 +66,10 @@ class SmplifyConfig:
     forward: str = "keypoints"
 
     def __post_init__(self) -> None:
-        self.stages = [s if isinstance(s, StageConfig) else StageConfig.from_dict(s) for s in self.stages]
+        self.stages = [s if isinstance(s, StageConfig) else _stage_from_dict(s) for s in self.stages]
+        unknown = [s.solver for s in self.stages if s.solver not in SOLVERS]
+        if unknown:
+            raise BadInput(f"smplify: unknown solver '{unknown[0]}' (known: {', '.join(sorted(SOLVERS))})")
         if self.forward not in FORWARDS:
             raise BadInput(f"smplify: 'forward' must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
         for f in fields(self):
@@ -125,7 +86,7 @@ class SmplifyConfig:
         if "stages" in data:
             if not isinstance(data["stages"], (list, tuple)):
                 raise BadInput("smplify: 'stages' must be a list of stages")
-            data["stages"] = [StageConfig.from_dict(s) for s in data["stages"]]
+            data["stages"] = [_stage_from_dict(s) for s in data["stages"]]
         return cls(**data)
 
     def to_dict(self) -> dict:

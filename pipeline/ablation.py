@@ -23,12 +23,24 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
+from fitting.body_model import load_body_model
+from fitting.camera import normalized_to_pixels
+from fitting.priors import load_prior
+from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init
 from pipeline import rundir
-from pipeline.config import RunConfig, apply_overrides, save_config, yaml_settings
+from pipeline.config import RunConfig, apply_overrides, save_config, train_config_for, yaml_settings
 from pipeline.demo import ensure_benchmark
-from pipeline.rounds import eval_round, headline, run_pipeline, train_config_for
+from pipeline.evaluation import read_split
+from pipeline.report import headline
+from pipeline.rounds import eval_round, run_pipeline
 from pipeline.tracking import Tracker
+from trainer.data.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy, write_table
+from trainer.evaluate import evaluate_fits, evaluate_mean_pose
+from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+from trainer.train import TRAIN_PRESETS, load_regressor, predict, train_regressor
 
 ARMS = ("2d-only", "static", "loop")
 LABELS = {arm: arm for arm in ARMS} | {"oracle": "ground-truth labels"}  # table rows, plot legend
@@ -47,8 +59,6 @@ def arm_config(base: RunConfig, arm: str, steps: int, rounds: int) -> RunConfig:
 
 def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, Any]:
     """The baseline: no fits at all, keypoints and priors only."""
-    from trainer.train import train_regressor
-
     if rundir.is_done(run, 0, "model"):
         return rundir.read_success(run, 0, "model")
     train_config = train_config_for(config)
@@ -64,10 +74,6 @@ def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, A
 def truth_table(truth: pa.Table) -> pa.Table:
     """The train split's ground truth (its sample_id, has_smpl, pose and betas) in the fits schema
     (init 'gt'): labels that train through the same code as the fits."""
-    import pyarrow.compute as pc
-
-    from trainer.data.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy
-
     truth = truth.filter(pc.fill_null(truth.column("has_smpl"), False))
     n = len(truth)
     return make_table({
@@ -80,9 +86,6 @@ def truth_table(truth: pa.Table) -> pa.Table:
 
 def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
     """The oracle arm's round 0: the truth table in place of the fits."""
-    from pipeline.evaluation import read_split
-    from trainer.data.tables import write_table
-
     if rundir.is_done(run, 0, "fits"):
         return rundir.read_success(run, 0, "fits")
     table = truth_table(read_split(config.data, "truth", ["sample_id", "has_smpl", "pose", "betas"]))
@@ -94,18 +97,6 @@ def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
 
 def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int = 256) -> dict[str, Any]:
     """SMPLify from the mean vs from the final loop regressor, on the same train samples."""
-    import torch
-
-    from fitting.body_model import load_body_model
-    from fitting.camera import normalized_to_pixels
-    from fitting.priors import load_prior
-    from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init
-    from pipeline.evaluation import read_split
-    from trainer.evaluate import evaluate_fits
-    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-    from trainer.data.tables import FITS_SCHEMA, make_table, to_numpy
-    from trainer.train import load_regressor, predict
-
     body, prior = load_body_model(config.body_model or None), load_prior(config.prior or None)
     smplify = SmplifyConfig.from_dict(_smplify_dict(config))
     samples = read_split(config.data, "train").slice(0, num)
@@ -135,18 +126,12 @@ def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int
 
 def mean_pose_reference(config: RunConfig) -> dict[str, Any]:
     """Test-split metrics of predicting the regressors' mean parameters for every image."""
-    from fitting.body_model import load_body_model
-    from trainer.evaluate import evaluate_mean_pose
-    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-
     mean = load_mean_params()
     return evaluate_mean_pose([Path(config.data) / "test"], load_body_model(config.body_model or None),
                               mean_pose_axis_angle(mean), np.asarray(mean["shape"], np.float32))
 
 
 def _smplify_dict(config: RunConfig) -> dict[str, Any]:
-    from fitting.smplify import SmplifyConfig
-
     smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()
     if config.fit.solver:
         smplify["stages"] = [{**s, "solver": config.fit.solver} for s in smplify["stages"]]
@@ -183,7 +168,7 @@ def table_markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out_png: Path) -> Path:
-    import matplotlib
+    import matplotlib  # here: seconds to import, and the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -227,8 +212,6 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
     benchmark, with an oracle arm trained on ground-truth labels as their ceiling. Writes
     OUT/ablation.json, OUT/ablation.md and a plot; all arms are comparable runs in OUT/mlflow.db
     (experiment 'ablation'). Rerunning resumes finished steps."""
-    from trainer.train import TRAIN_PRESETS
-
     start = time.perf_counter()
     out = Path(out_dir)
     steps = steps or rounds * int(TRAIN_PRESETS[preset]["steps"])

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fitting.errors import BadInput
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.train import TRAIN_PRESETS, TrainConfig
 
 
 @dataclass
@@ -86,14 +88,15 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
         raise BadInput(f"{where}: cannot read {value!r} as {type(default).__name__}") from exc
 
 
-def load_config(path: str | Path | None) -> RunConfig:
+def load_config(path: str | Location | None) -> RunConfig:
+    """A run YAML from a local path or a URI; None gives the defaults."""
     if path is None:
         return RunConfig()
-    path = Path(path)
-    if not path.exists():
+    path = storage.location(path)
+    if not storage.is_file(path):
         raise BadInput(f"config not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(storage.read_text(path)) or {}
     except yaml.YAMLError as exc:
         raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
     return RunConfig.from_dict(data)
@@ -135,8 +138,42 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
-def save_config(config: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+def save_config(config: RunConfig, path: str | Location) -> None:
+    """Write the config as YAML, atomically, to a local path or a URI."""
+    storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml.
+    RUN, the data directory and FILE may be URIs."""
+    saved = storage.join(run, "config.yaml")
+    if config_path:
+        base = load_config(config_path)
+    elif storage.exists(saved):
+        base = load_config(saved)
+    else:
+        base = RunConfig()
+    config = apply_overrides(base, overrides)
+    if config.data and not storage.is_dir(config.data):
+        raise BadInput(f"data directory not found: {config.data}")
+    save_config(config, saved)
+    return config
+
+
+def train_config_for(config: RunConfig) -> TrainConfig:
+    if config.train_preset not in TRAIN_PRESETS:
+        raise BadInput(f"unknown train preset '{config.train_preset}'; choose from {sorted(TRAIN_PRESETS)}")
+    preset = TRAIN_PRESETS[config.train_preset]
+    merged = {**preset, **config.train}
+    for group in ("weights", "augment"):  # a run's own loss weight keeps the preset's others
+        if isinstance(preset.get(group), dict) and isinstance(config.train.get(group), dict):
+            merged[group] = {**preset[group], **config.train[group]}
+    merged.setdefault("seed", config.seed)
+    return TrainConfig.from_dict(merged)
+
+
+def data_dir(config: RunConfig, split: str) -> Location:
+    if not config.data:
+        raise BadInput("no data directory: pass --data DIR or set `data` in the config")
+    path = storage.join(config.data, split)
+    return path if storage.is_dir(path) else storage.location(config.data)

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from fitting.errors import BadInput
+from pipeline.cli import cli
 from pipeline.config import key_value_pairs
 
 RAY_VERSION = "2.60.0"  # the Ray of docker/Dockerfile's base image; a test keeps the two equal
@@ -326,8 +328,6 @@ def render_args(spec: JobSpec) -> list[str]:
 
 def render_yaml(spec: JobSpec) -> str:
     """The manifest as YAML, headed by the command that renders it."""
-    import yaml
-
     command = shlex.join(["spin-pipeline", "manifests", "render", *render_args(spec)])
     body = yaml.safe_dump(rayjob_manifest(spec), sort_keys=False, width=4096)
     return (f"# {command}\n"
@@ -337,8 +337,6 @@ def render_yaml(spec: JobSpec) -> str:
 
 def check_entrypoint(argv: list[str]) -> None:
     """Parse the entrypoint with the real `spin-pipeline` CLI, without running it."""
-    from pipeline.cli import cli
-
     if len(argv) < 2 or argv[0] != "spin-pipeline":
         raise BadInput(f"entrypoint {shlex.join(argv)!r}: not a spin-pipeline command")
     with click.Context(cli, info_name="spin-pipeline") as root:

@@ -3,6 +3,7 @@
 Uses MlflowClient with explicit run ids (no global active-run stack), so a resumed pipeline
 appends to the same parent run. SQLite under the run directory by default; MLFLOW_TRACKING_URI
 (or the config) points at a team server, which a run on an object store needs: SQLite cannot live there.
+mlflow is imported where it is used: it takes seconds, and commands that do not track skip it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -105,7 +107,6 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(metric_name(k), v, now, step) for k, v in _numeric(metrics).items()]

@@ -64,7 +64,7 @@ def test_previous_fits_of_a_batch_spanning_two_shards():
 
 
 def test_a_runs_own_loss_weight_keeps_the_presets_others():
-    from pipeline.rounds import train_config_for
+    from pipeline.config import train_config_for
 
     base = RunConfig.from_dict({"train_preset": "small"})
     assert train_config_for(base).weights.keypoints == 0.5

@@ -141,6 +141,10 @@ def test_imports_only_go_downwards():
     assert upward_imports() == []
 
 
+def test_no_import_cycles():
+    assert [" -> ".join(cycle) for cycle in import_cycles()] == []
+
+
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     for package in PACKAGES:
         (tmp_path / package).mkdir(exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -195,7 +196,6 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 def _worker_init(_: int) -> None:
-    import cv2
     # workers are the parallelism: OpenCV runs sequentially in each. 0, not 1: setting 1 in a
     # forked child of a process whose OpenCV pool has run blocks forever on the copied pool
     cv2.setNumThreads(0)

@@ -19,7 +19,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from fitting.body_model import load_body_model
 from fitting.errors import BadInput
+from fitting.priors import load_prior
 from trainer.augment import AugmentConfig
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
 from trainer.losses import MODES, LossWeights, compute_losses
@@ -285,11 +287,9 @@ def train_regressor(
     dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
                              augment=config.augment if config.use_augmentation else None, seed=config.seed)
     if body_model is None:
-        from fitting.body_model import load_body_model
         body_model = load_body_model()
     body_model = body_model.to(device)
     if config.mode == "2d" and prior is None:
-        from fitting.priors import load_prior
         prior = load_prior()
     prior = prior.to(device) if prior is not None else None
 
