@@ -9,7 +9,7 @@ optimization while the rest of the batch is fitted.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -28,29 +28,18 @@ from fitting.objective import (
     reprojection_loss,
 )
 from fitting.priors import GMMPrior
+from fitting.settings import Settings
 from fitting.solvers import SOLVERS, StageProblem, get_solver
 from fitting.stages import PARAMETERS, StageConfig, default_stages
 
 FORWARDS = ("keypoints", "mesh")
 
 
-def _from_dict(cls, data: dict, what: str) -> dict:
-    if not isinstance(data, dict):
-        raise BadInput(f"{what}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise BadInput(f"{what}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    return dict(data)
-
-
-def _stage_from_dict(data: dict) -> StageConfig:
-    return StageConfig(**_from_dict(StageConfig, data, "smplify stage"))
-
-
 @dataclass
-class SmplifyConfig:
+class SmplifyConfig(Settings):
     """SPIN's SMPLify settings; weights are the square roots of the energy weights, as in SPIN."""
+    SECTION = "smplify"
+
     stages: list[StageConfig] = field(default_factory=default_stages)
     sigma: float = 100.0
     pose_prior_weight: float = 4.78
@@ -66,32 +55,23 @@ class SmplifyConfig:
     forward: str = "keypoints"
 
     def __post_init__(self) -> None:
-        self.stages = [s if isinstance(s, StageConfig) else _stage_from_dict(s) for s in self.stages]
         unknown = [s.solver for s in self.stages if s.solver not in SOLVERS]
         if unknown:
-            raise BadInput(f"smplify: unknown solver '{unknown[0]}' (known: {', '.join(sorted(SOLVERS))})")
+            raise BadInput(f"unknown solver '{unknown[0]}' (known: {', '.join(sorted(SOLVERS))})")
         if self.forward not in FORWARDS:
-            raise BadInput(f"smplify: 'forward' must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
+            raise BadInput(f"'forward' must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("stages", "forward") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                       or not np.isfinite(value) or value < 0):
-                raise BadInput(f"smplify: '{f.name}' must be a finite number >= 0, got {value!r}")
+            if f.name not in ("stages", "forward") and not (np.isfinite(value) and value >= 0):
+                raise BadInput(f"'{f.name}' must be a finite number >= 0, got {value!r}")
         if self.sigma <= 0 or self.focal_length <= 0 or self.img_res <= 0:
-            raise BadInput("smplify: sigma, focal_length and img_res must be > 0")
+            raise BadInput("sigma, focal_length and img_res must be > 0")
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "SmplifyConfig":
-        data = _from_dict(cls, data, "smplify")
-        if "stages" in data:
-            if not isinstance(data["stages"], (list, tuple)):
-                raise BadInput("smplify: 'stages' must be a list of stages")
-            data["stages"] = [_stage_from_dict(s) for s in data["stages"]]
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stages"}
-        return {"stages": [s.to_dict() for s in self.stages], **out}
+    def with_solver(self, solver: str) -> "SmplifyConfig":
+        """These settings with every stage solved by `solver` ('' keeps each stage's own)."""
+        if not solver:
+            return self
+        return replace(self, stages=[replace(stage, solver=solver) for stage in self.stages])
 
 
 @dataclass

@@ -2,21 +2,22 @@
 solver and for how long. `fitting.solvers` runs a stage; `fitting.smplify` chains them."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from fitting.errors import BadInput
+from fitting.settings import Settings
 
 PARAMETERS = ("global_orient", "body_pose", "betas", "cam_t")
 STAGE_DEFAULTS = {"camera": ("global_orient", "cam_t"), "body": ("body_pose", "betas", "global_orient")}
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Settings):
     """One stage: `name` picks the energy ('camera' | 'body'), `optimize` the free parameters
     (default per stage as in SPIN), `solver` the solver by name (checked against the registry
     when a SmplifyConfig is built), `options` solver settings."""
+    SECTION = "smplify stage"
+
     name: str
     iterations: int = 100
     lr: float = 1e-2
@@ -31,15 +32,10 @@ class StageConfig:
         bad = [p for p in self.optimize if p not in PARAMETERS]
         if bad:
             raise BadInput(f"stage '{self.name}': cannot optimize '{bad[0]}' (choose from {', '.join(PARAMETERS)})")
-        integer = isinstance(self.iterations, (int, np.integer)) and not isinstance(self.iterations, bool)
-        if not integer or self.iterations < 0:
-            raise BadInput(f"stage '{self.name}': iterations must be an integer >= 0, got {self.iterations!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+        if self.iterations < 0:
+            raise BadInput(f"stage '{self.name}': iterations must be >= 0, got {self.iterations!r}")
+        if not self.lr > 0:
             raise BadInput(f"stage '{self.name}': lr must be > 0, got {self.lr!r}")
-        self.iterations, self.lr, self.options = int(self.iterations), float(self.lr), dict(self.options)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "optimize": list(self.optimize)}
 
 
 def default_stages() -> list[StageConfig]:

@@ -25,7 +25,6 @@ import pyarrow as pa
 import torch
 
 from fitting.errors import BadInput
-from fitting.smplify import SmplifyConfig
 from pipeline import rundir
 from pipeline.best_fit import BatchFitter
 from pipeline.config import RunConfig, resolve_config
@@ -91,14 +90,10 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
 
 def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int,
               columns: list[str] | None = None) -> FitterSpec:
-    smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()  # a bad config fails here, not in an actor
-    if config.fit.solver:
-        smplify["stages"] = [{**stage, "solver": config.fit.solver} for stage in smplify["stages"]]
-        SmplifyConfig.from_dict(smplify)
     checkpoint = ""
     if round_index > 0:
         checkpoint = str(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
-    return FitterSpec(round_index=round_index, run=str(run), smplify=smplify, checkpoint=checkpoint,
+    return FitterSpec(round_index=round_index, run=str(run), smplify=config.smplify.to_dict(), checkpoint=checkpoint,
                       body_model=config.body_model, prior=config.prior, device=device, threads=threads,
                       columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 

@@ -11,7 +11,7 @@ import click
 
 from fitting.errors import BadInput
 from pipeline import rundir
-from pipeline.config import RunConfig, data_dir, resolve_config, train_config_for
+from pipeline.config import RunConfig, data_dir, resolve_config
 from pipeline.evaluation import evaluate_round
 from pipeline.fit_stage import fit_round
 from pipeline.report import format_metrics, headline, round_table
@@ -28,7 +28,7 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
         return {**rundir.read_success(run, round_index, "model"), "skipped": True}
     rundir.clear_success(run, round_index, "model")
     fits = rundir.read_fits(run, round_index)
-    train_config = train_config_for(config)
+    train_config = config.training
     init = None
     if round_index > 0:
         if not rundir.is_done(run, round_index - 1, "model"):
