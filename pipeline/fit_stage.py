@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 
 from fitting.errors import BadInput
+from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.best_fit import BatchFitter
 from pipeline.config import RunConfig, resolve_config
@@ -239,7 +240,7 @@ def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
 @click.option("--ray-address", default=None, help="Ray cluster address ('auto' inside a cluster); default: a local Ray sized to this machine.")
 @click.option("--batch-size", type=int, help="Samples per SMPLify batch in an actor.")
 @click.option("--num-actors", type=int, help="Actor pool size (default: one per core or GPU).")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver: lm (fast) or adam (SPIN's).")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver: lm (fast) or adam (SPIN's).")
 @click.option("--force", is_flag=True, help="Redo the round even if it finished.")
 def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_actors, solver, force):
     """One SMPLify fit round over the sample shards, on Ray.

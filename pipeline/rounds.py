@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from fitting.errors import BadInput
+from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.config import RunConfig, data_dir, resolve_config
 from pipeline.evaluation import evaluate_round
@@ -19,6 +20,7 @@ from pipeline.tracking import Tracker
 from trainer.data import storage
 from trainer.data.storage import Location
 from trainer.train import train_regressor
+from trainer.train_config import TRAIN_PRESETS
 
 
 def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
@@ -107,7 +109,7 @@ def common_options(func):
 @click.command("train")
 @click.option("--round", "round_index", type=int, required=True, help="Train regressor N on round N's best fits.")
 @common_options
-@click.option("--preset", help="Trainer preset (tiny, small, paper).")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
 @click.option("--steps", type=int, help="Training steps (overrides the preset).")
 @click.option("--device", help="cpu, cuda or auto.")
 @click.option("--force", is_flag=True, help="Retrain even if regressor N exists.")
@@ -131,8 +133,8 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
 @click.option("--rounds", type=int, help="Number of fit/train rounds (default: the config's, 3).")
 @common_options
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
-@click.option("--preset", help="Trainer preset (tiny, small, paper).")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver.")
 @click.option("--force", is_flag=True, help="Redo every step, even finished ones.")
 def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
     """The alternating driver: fit 0, train 0, eval 0, fit 1, ... Resumes at the first step without

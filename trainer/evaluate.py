@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fitting.camera import FOCAL_LENGTH, IMG_RES
+from fitting.camera import crop_camera
 from fitting.errors import BadInput
 from fitting.keypoints import LSP14
 from fitting.render import overlay_mesh, part_labels, render
@@ -68,12 +68,6 @@ def _pose_summary(pred: np.ndarray, gt: np.ndarray, prefix: str = "") -> dict[st
         return {}
     values = pose_metrics(torch.as_tensor(pred), torch.as_tensor(gt))
     return {f"{prefix}{k}": v for k, v in summarize(values).items()}
-
-
-def crop_camera(size: int) -> tuple[float, np.ndarray]:
-    """SPIN's camera (5000 px for a 224-px crop) for a stored crop of `size` pixels:
-    (focal, principal point)."""
-    return FOCAL_LENGTH * size / IMG_RES, np.array([size / 2.0, size / 2.0])
 
 
 @torch.no_grad()
