@@ -15,7 +15,7 @@ from pipeline import rundir
 from pipeline.config import RunConfig, data_dir, resolve_config
 from pipeline.evaluation import evaluate_round
 from pipeline.fit_stage import fit_round
-from pipeline.report import format_metrics, headline, round_table
+from pipeline.report import format_metrics, headline, round_table, step_line
 from pipeline.tracking import Tracker
 from trainer.data import storage
 from trainer.data.storage import Location
@@ -70,23 +70,28 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
 
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
-    """Fit and train (and evaluate) round after round, skipping finished steps."""
+    """Fit and train (and evaluate) round after round, skipping finished steps; one line per step."""
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
                                  params=config.to_dict())
     results = []
     for r in range(rounds):
         start = time.perf_counter()
-        fit_summary = rundir.read_success(run, r, "fits") if rundir.is_done(run, r, "fits") and not force else None
-        if fit_summary is None:
+        if rundir.is_done(run, r, "fits") and not force:
+            fit_summary = rundir.read_success(run, r, "fits")
+            click.echo(step_line("fit", r, {"skipped": True}))
+        else:
             child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__})
             fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress)
             tracker.log_metrics(child, fit_summary, step=r)
             tracker.log_dict(child, fit_summary, "fits_success.json")
             tracker.finish(child)
+            click.echo(step_line("fit", r, fit_summary))
         train_summary = train_round(run, r, config, tracker, force=force)
+        click.echo(step_line("train", r, train_summary))
         row = {"round": r, "fit": fit_summary, "train": train_summary}
         if config.evaluate:
             row["eval"] = eval_round(run, r, config, tracker, force=force)
+            click.echo(step_line("eval", r, row["eval"]))
         row["seconds"] = round(time.perf_counter() - start, 1)
         results.append(row)
     tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
@@ -125,8 +130,8 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
     tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
     summary = train_round(run, round_index, config, tracker, force=force)
-    click.echo(f"train round {round_index} {'already done' if summary.get('skipped') else 'done'}: "
-               f"{storage.join(rundir.step_dir(run, round_index, 'model'), 'checkpoint.pt')}")
+    checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
+    click.echo(f"{step_line('train', round_index, summary)}: {checkpoint}")
 
 
 @click.command("run")

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from fitting.camera import crop_camera
 from fitting.errors import BadInput
@@ -99,7 +100,7 @@ def evaluate_regressor(
     parts = np.zeros((NUM_PARTS, NUM_PARTS), np.int64)
     segmented = unreadable = 0
     pred = np.zeros((len(samples), 14, 3))
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=None, leave=False):  # a bar on a terminal only
         rows = batch["row"].numpy()
         out = regressor(normalize_images(batch["image"].to(device)))
         body = body_model(out.rotmat, out.betas)
