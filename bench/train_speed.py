@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitting.body_model import builtin_body_model_path, load_body_model  # noqa: E402
 from trainer.augment import AugmentConfig  # noqa: E402
+from trainer.data.samples import encode_image  # noqa: E402
+from trainer.data.tables import SAMPLES_SCHEMA, fits_table, make_table, write_shards  # noqa: E402
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples  # noqa: E402
 from trainer.losses import LossWeights, compute_losses  # noqa: E402
 from trainer.model import Regressor, normalize_images  # noqa: E402
-from trainer.data.samples import encode_image  # noqa: E402
-from trainer.data.tables import SAMPLES_SCHEMA, fits_table, make_table, write_shards  # noqa: E402
 
 # backbone -> (input resolution, batch size, stored crop size, loader workers): the presets' choices
 SETUPS = {

@@ -21,11 +21,11 @@ from fitting.camera import crop_camera
 from fitting.errors import BadInput
 from fitting.keypoints import LSP14
 from fitting.render import overlay_mesh, part_labels, render
+from trainer.data.samples import decode_mask
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, conform, to_numpy
 from trainer.dataset import SamplesDataset, load_image, make_loader, read_samples
 from trainer.metrics import confusion_matrix, pose_metrics, segmentation_scores, summarize
 from trainer.model import Regressor, cam_translation, normalize_images
-from trainer.data.samples import decode_mask
-from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, conform, to_numpy
 
 LSP_IN_GT24 = [k - LSP14[0] for k in LSP14]   # rows of joints3d that hold the 14 LSP joints
 NUM_PARTS = 7                                  # background + six parts
