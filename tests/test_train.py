@@ -160,11 +160,11 @@ def test_warm_start_and_predict(body, data, tmp_path):
     train_regressor(_config(steps=2), [root], fits, tmp_path / "r0", body_model=body)
     first = load_regressor(tmp_path / "r0" / "checkpoint.pt")
     summary = train_regressor(_config(steps=2, seed=1), [root], fits, tmp_path / "r1", body_model=body,
-                              init_checkpoint=tmp_path / "r0" / "checkpoint.pt")
-    assert summary["warm_start"].endswith("checkpoint.pt")
+                              init_from=tmp_path / "r0" / "checkpoint.pt")
+    assert summary["init_from"].endswith("checkpoint.pt")
     with pytest.raises(BadInput, match="cannot warm-start"):
         train_regressor(_config(steps=2, backbone="resnet18"), [root], fits, tmp_path / "r2", body_model=body,
-                        init_checkpoint=tmp_path / "r0" / "checkpoint.pt")
+                        init_from=tmp_path / "r0" / "checkpoint.pt")
 
     samples, _ = make_samples(body, 3, seed=5)
     images = samples.column("image").to_pylist()
