@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("pipeline.rounds:evaluate", "MPJPE, PA-MPJPE, PCK/AUC and segmentation on a test split."),
     "ablation": ("pipeline.ablation:ablation", "2D-only vs static fits vs in the loop (the paper's Table 1)."),
     "compare": ("pipeline.tracking:compare", "MLflow runs side by side."),
+    "predict": ("pipeline.predict:predict_command", "A run's regressor (optionally refined by SMPLify) on new images."),
+    "export": ("pipeline.export:export", "Fits out: SPIN's static-fits .npy per dataset, or an .npz."),
     "body-model": ("fitting.body_cli:body_model", "Build, convert, inspect and render body models."),
     "prior": ("fitting.prior_cli:prior", "Build the GMM pose prior; convert SMPLify's gmm_08.pkl."),
     "manifests": ("pipeline.manifests:manifests", "KubeRay RayJob manifests for a round or a run."),

@@ -353,6 +353,7 @@ def write_openpose_folder(out: Path, seed: int = 40, faint: float = 0.1) -> Open
             ghost[:, :2] += rng.uniform(-20, 20, size=2)
             ghost[ghost[:, 2] > 0, 2] = faint
             found.append(ghost)
+        found = [np.round(d, 3) for d in found]  # as the JSON holds them
         detections[name] = found
         keypoints.mkdir(parents=True, exist_ok=True)
         document = {"version": 1.3, "people": [openpose_person(d) for d in found]}

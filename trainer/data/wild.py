@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from fitting.errors import BadInput
@@ -196,4 +197,26 @@ def coco_rows(path: str | Path) -> PersonRows:
     for annotation in annotations:
         name, center, scale, part, reason = _coco_person(annotation, images)
         records.append((name, center, scale, part, np.zeros((len(OP25), 3)), reason))
+    return _rows(records)
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of an image file, or None when it cannot be decoded."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return None if image is None else image.shape[:2]
+
+
+def whole_image_rows(images: list[Path]) -> PersonRows:
+    """One row per image, its box the whole image: SPIN's demo without a person box (centre
+    (W // 2, H // 2), side the longer image side). An unreadable image is a row with a reason."""
+    records = []
+    for path in images:
+        part, blank = _empty_person()
+        size = image_size(path)
+        if size is None:
+            records.append((path.name, None, np.nan, part, blank, "undecodable image"))
+            continue
+        height, width = size
+        records.append((path.name, np.array([width // 2, height // 2], np.float64), max(height, width) / 200.0,
+                        part, blank, None))
     return _rows(records)
