@@ -126,13 +126,19 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise BadInput(f"{path}: expected a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_exactly(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, f"{path}", "the backbone")
+
+
+def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Load every weight of `module` from `state`: a key missing or left over, or a shape that
+    differs, is a one-line BadInput naming `source` and `what` it should have been."""
     try:
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # size mismatches
-        raise BadInput(f"{path}: does not match the backbone ({' '.join(str(exc).split())[:160]})") from exc
+        raise BadInput(f"{source}: does not match {what} ({' '.join(str(exc).split())[:160]})") from exc
     if missing or unexpected:
-        raise BadInput(f"{path}: does not match the backbone (missing {len(missing)}, unexpected {len(unexpected)} keys)")
+        raise BadInput(f"{source}: does not match {what} (missing {len(missing)} keys, e.g. {sorted(missing)[:2]}; "
+                       f"unexpected {len(unexpected)}, e.g. {sorted(unexpected)[:2]})")
 
 
 class Regressor(nn.Module):
@@ -231,13 +237,7 @@ def load_spin_weights(regressor: Regressor, path: str | Path) -> None:
     if regressor.config["backbone"] != "resnet50":
         raise BadInput(f"SPIN's checkpoint is a resnet50 regressor; this run trains a {regressor.config['backbone']} "
                        "one (set train.backbone: resnet50)")
-    state = spin_state_dict(path)
-    try:
-        missing, unexpected = regressor.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # size mismatches
-        raise BadInput(f"{path}: does not match SPIN's HMR ({' '.join(str(exc).split())[:160]})") from exc
-    if missing or unexpected:
-        raise BadInput(f"{path}: does not match SPIN's HMR (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    load_exactly(regressor, spin_state_dict(path), f"{path}", "SPIN's HMR")
 
 
 def cam_translation(cam: torch.Tensor) -> torch.Tensor:
