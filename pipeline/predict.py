@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from fitting.body_model import BodyModel, load_body_model
-from fitting.camera import IMG_RES, normalized_to_pixels
+from fitting.camera import IMG_RES, crop_camera, normalized_to_pixels
 from fitting.errors import BadInput
 from fitting.priors import load_prior
 from fitting.render import draw_keypoints, overlay_mesh
@@ -36,18 +36,16 @@ from trainer.data import storage
 from trainer.data.ingest import Converter, Roots
 from trainer.data.samples import decode_image, from_normalized
 from trainer.data.tables import (
-    FITS_SCHEMA,
     QUARANTINE_SCHEMA,
     SAMPLES_SCHEMA,
     concat,
-    make_table,
-    read_table,
+    fits_table,
+    read_split,
     shard_paths,
     to_numpy,
     write_table,
 )
 from trainer.data.wild import OPENPOSE_MIN_CONFIDENCE, image_files, openpose_rows, whole_image_rows
-from trainer.evaluate import crop_camera
 from trainer.train import load_regressor, predict, resolve_device
 
 
@@ -77,8 +75,8 @@ def read_inputs(source: str | Path, keypoints_dir: str | Path | None, img_size: 
         if keypoints_dir:
             raise BadInput("--keypoints is for a folder of images; a samples folder carries its keypoints")
         splits = [s for s in ("train", "test") if (source / s).is_dir()] or [None]
-        paths = [p for split in splits for p in shard_paths(source, split)]
-        return concat([read_table(p, SAMPLES_SCHEMA) for p in paths], SAMPLES_SCHEMA), QUARANTINE_SCHEMA.empty_table(), "samples"
+        samples = concat([read_split(source, split) for split in splits], SAMPLES_SCHEMA)
+        return samples, QUARANTINE_SCHEMA.empty_table(), "samples"
     images_dir = source if source.is_dir() else source.parent
     if keypoints_dir:
         rows = openpose_rows(images_dir, keypoints_dir, min_confidence=min_confidence)
@@ -171,13 +169,12 @@ def run_predict(run: str | Path, round_index: int | None, source: str | Path, ou
     keypoints = to_numpy(samples, "keypoints")
     smplify = config.smplify
     columns = refine_or_score(body, prior, keypoints, pred, refine, smplify, batch_size)
-    fits = make_table({
-        "sample_id": samples.column("sample_id").to_pylist(), **columns,
-        "valid": np.isfinite(columns["loss"]) & (columns["loss"] < smplify.loss_threshold),
-        "betas_ok": (np.abs(columns["betas"]) <= smplify.betas_threshold).all(axis=1),
-        "found_in_round": np.full(len(samples), round_index, np.int32),
-        "init": ["network"] * len(samples),
-    }, FITS_SCHEMA)
+    fits = fits_table(
+        samples.column("sample_id").to_pylist(), **columns,
+        valid=np.isfinite(columns["loss"]) & (columns["loss"] < smplify.loss_threshold),
+        betas_ok=(np.abs(columns["betas"]) <= smplify.betas_threshold).all(axis=1),
+        found_in_round=round_index, init="network",
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(samples, out_dir / "samples.parquet")
     write_table(quarantine, out_dir / "_quarantine.parquet")
