@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,17 @@ def fails(args: list[str], capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def mlflow_params(run: Path, step: str) -> dict[str, str]:
+    """The MLflow params of one step of a run (its SQLite store under RUN)."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`spin.step` = '{step}'")
+    assert len(runs) == 1
+    return runs[0].data.params
 
 
 @pytest.mark.slow
@@ -90,6 +102,8 @@ def test_bring_your_own_end_to_end(tmp_path, capsys):
     assert model0["backbone_weights"]["kind"] == "spin"
     assert model0["backbone_weights"]["sha256"] == hashlib.sha256(byo.checkpoint.read_bytes()).hexdigest()
     assert rundir.read_success(run, 1, "model")["backbone_weights"] == model0["backbone_weights"]  # carried
+    tracked = mlflow_params(run, "train-round0")
+    assert tracked["backbone_weights.kind"] == "spin" and tracked["backbone_weights.sha256"] == model0["backbone_weights"]["sha256"]
     drawn = {name: d["drawn"] for name, d in model0["datasets"].items()}
     assert sum(drawn.values()) == 8 and set(model0["datasets"]) == {"lsp-orig", "h36m", "openpose", "coco"}
     assert model0["datasets"]["h36m"]["probability"] == pytest.approx(1 / 3)

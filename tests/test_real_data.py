@@ -254,3 +254,22 @@ def test_spin_checkpoint_starts_our_regressor_exactly(tmp_path):
     torch.save({"model": {"conv1.weight": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(BadInput, match="not SPIN's checkpoint"):
         spin_state_dict(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("case", ["openpose-one-arg", "npz-two-args", "no-images", "coco-missing", "coco-not-coco",
+                                  "bad-dataset-name", "show-empty"])
+def test_bad_ingest_arguments_are_one_line_errors(tmp_path, capsys, case):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.json").write_text(json.dumps({"people": []}))
+    args = {
+        "openpose-one-arg": ["data", "ingest", "--format", "openpose", tmp_path / "empty", "--out", tmp_path / "d"],
+        "npz-two-args": ["data", "ingest", tmp_path / "a.npz", tmp_path / "b", "--images", tmp_path, "--out", tmp_path / "d"],
+        "no-images": ["data", "ingest", "--format", "openpose", tmp_path / "empty", tmp_path / "empty", "--out", tmp_path / "d"],
+        "coco-missing": ["data", "ingest", "--format", "coco", tmp_path / "none.json", "--images", tmp_path, "--out", tmp_path / "d"],
+        "coco-not-coco": ["data", "ingest", "--format", "coco", tmp_path / "x.json", "--images", tmp_path, "--out", tmp_path / "d"],
+        "bad-dataset-name": ["data", "ingest", "--format", "coco", tmp_path / "x.json", "--images", tmp_path, "--out",
+                           tmp_path / "d", "--dataset", "_hidden"],
+        "show-empty": ["data", "show", tmp_path / "empty"],
+    }[case]
+    one_line_error(args, capsys)
+    assert not (tmp_path / "d").exists()

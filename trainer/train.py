@@ -53,9 +53,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise BadInput(f"unknown device '{name}'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():  # never a silent fall back to the CPU
+        raise BadInput(f"device '{name}': no CUDA device is visible to torch (use --device cpu or auto)")
+    return device
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:

@@ -108,8 +108,8 @@ def ingest(source, keypoints_dir, fmt, images_root, masks_root, out_dir, dataset
     spin-pipeline data ingest --format openpose IMAGES_DIR KEYPOINTS_DIR --out data
     spin-pipeline data ingest --format coco person_keypoints_train2014.json --images COCO --out data
     """
-    rows, images = read_source(fmt, source, keypoints_dir, images_root, min_confidence)
     dataset, split = datasets.dataset_and_split(source if fmt == "spin-npz" else fmt, dataset, split)
+    rows, images = read_source(fmt, source, keypoints_dir, images_root, min_confidence)
     roots = Roots(images, Path(masks_root) if masks_root else images)
     summary = ingest_rows(rows, source, fmt, roots, out_dir, dataset, split, img_size=img_size,
                           shard_size=shard_size, min_visible=min_visible, workers=workers)
