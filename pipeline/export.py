@@ -53,7 +53,8 @@ def dataset_rows(run: storage.Location, round_index: int, only: str | None = Non
     columns = ["sample_id", "dataset", "source_row", "imgname"]
     samples: dict[str, list[tuple]] = {}
     for path in shard_paths(config.data, "train"):
-        table = storage.read_parquet(path, columns=[c for c in columns if c in storage.parquet_metadata(path).schema.to_arrow_schema().names])
+        present = storage.parquet_metadata(path).schema.to_arrow_schema().names
+        table = storage.read_parquet(path, columns=[c for c in columns if c in present])
         values = [table.column(c).to_pylist() if c in table.column_names else [None] * len(table) for c in columns]
         for sid, name, row, image in zip(*values):
             samples.setdefault(name, []).append((sid, row, image))

@@ -14,32 +14,18 @@ import pytest
 import yaml
 
 from pipeline import rundir
-from pipeline.cli import main
 from tests.spin_data_formats import write_bring_your_own
+from tests.test_real_data import one_line_error, run_cli
 from trainer.data.datasets import describe_root, records
 from trainer.data.ingest import source_row
 from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, read_table, to_numpy
 
 
-def cli(args: list[str], capsys) -> str:
+def cli(args: list, capsys) -> str:
     """Run one command; fail the test with its stderr unless it succeeds. Returns stdout."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    assert code == 0, f"{' '.join(map(str, args))}: {out.err[-2000:]}"
-    return out.out
-
-
-def fails(args: list[str], capsys) -> str:
-    """Run a command that must fail with one line `error: ...` and exit code 2; returns the line."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, f"{' '.join(map(str, args))}: {err[-2000:]}"
+    return out
 
 
 def mlflow_params(run: Path, step: str) -> dict[str, str]:
@@ -67,7 +53,7 @@ def test_bring_your_own_end_to_end(tmp_path, capsys):
     cli(["data", "ingest", "--format", "coco", byo.coco.file, "--images", byo.coco.images, "--out", data,
          "--img-size", 64], capsys)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (data / "train").iterdir())
-    assert "already in" in fails(["data", "ingest", byo.lsp.file, "--images", byo.lsp.images, "--out", data], capsys)
+    assert "already in" in one_line_error(["data", "ingest", byo.lsp.file, "--images", byo.lsp.images, "--out", data], capsys)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (data / "train").iterdir()) == before
     shown = cli(["data", "show", data, "--json"], capsys)
     table = {(r["split"], r["dataset"]): r for r in json.loads(shown)}
@@ -88,7 +74,7 @@ def test_bring_your_own_end_to_end(tmp_path, capsys):
     }
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**settings, "prior": str(byo.gmm_pkl)}))
-    assert "prior convert --allow-pickle" in fails(["run", "--run", tmp_path / "never", "--config", bad], capsys)
+    assert "prior convert --allow-pickle" in one_line_error(["run", "--run", tmp_path / "never", "--config", bad], capsys)
     assert not (tmp_path / "never" / "round=0").exists()
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(settings))
@@ -127,8 +113,8 @@ def test_bring_your_own_end_to_end(tmp_path, capsys):
     assert len(bare_predictions) == 3 and not any(bare_predictions.column("valid").to_pylist())
     assert np.isnan(to_numpy(bare_predictions, "loss")).all()
     assert json.loads((bare / "_SUCCESS.json").read_text())["round"] == 0
-    assert "keypoints" in fails(["predict", byo.openpose.images, "--run", run, "--out", tmp_path / "r", "--refine"], capsys)
-    assert "already holds" in fails(["predict", byo.openpose.images, "--run", run, "--out", bare], capsys)
+    assert "keypoints" in one_line_error(["predict", byo.openpose.images, "--run", run, "--out", tmp_path / "r", "--refine"], capsys)
+    assert "already holds" in one_line_error(["predict", byo.openpose.images, "--run", run, "--out", bare], capsys)
     # a samples folder: every row of the data root, train and test
     cli(["predict", data, "--run", run, "--out", tmp_path / "on-data", "--max-overlays", 2], capsys)
     assert len(read_table(tmp_path / "on-data" / "predictions.parquet", FITS_SCHEMA)) == 30
@@ -172,8 +158,8 @@ def test_bring_your_own_end_to_end(tmp_path, capsys):
     cli(["export", "--run", run, "--round", 1, "--format", "spin-static-fits", "--dataset", "openpose", "--out", one],
         capsys)
     np.testing.assert_array_equal(np.load(one), np.load(tmp_path / "static_fits" / "openpose_fits.npy"))
-    assert "exists" in fails(["export", "--run", run, "--round", 1, "--format", "npz", "--out", tmp_path / "fits.npz"],
+    assert "exists" in one_line_error(["export", "--run", run, "--round", 1, "--format", "npz", "--out", tmp_path / "fits.npz"],
                              capsys)
-    assert "no training samples" in fails(["export", "--run", run, "--round", 1, "--format", "npz", "--dataset",
+    assert "no training samples" in one_line_error(["export", "--run", run, "--round", 1, "--format", "npz", "--dataset",
                                            "3dpw", "--out", tmp_path / "x.npz"], capsys)
     assert exported["imgname"][exported["dataset"] == "lsp-orig"][0] == "images/im0001.jpg"

@@ -309,8 +309,8 @@ def ingest_rows(
     quarantined, shards, written, started = [], [], 0, time.time()
     convert = Converter(rows, roots, dataset, protocol, img_size)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
-        total=n, desc=f"ingest {dataset}", unit="img", disable=not progress
-    ) as bar:
+        total=n, desc=f"ingest {dataset}", unit="img", disable=None if progress else True, leave=False
+    ) as bar:  # a bar on a terminal only
         for start in range(0, n, shard_size):
             indices = range(start, min(start + shard_size, n))
             good, rejected = convert.table(indices, pool, split, min_visible)

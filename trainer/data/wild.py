@@ -154,7 +154,8 @@ def _coco_person(annotation: dict, images: dict[int, dict]) -> tuple[str, np.nda
     part = np.zeros((24, 3))
     image = images.get(annotation.get("image_id"))
     if image is None:
-        return "", None, np.nan, part, f"image not in the file (annotation {annotation.get('id')}: image_id {annotation.get('image_id')})"
+        return "", None, np.nan, part, (f"image not in the file (annotation {annotation.get('id')}: "
+                                        f"image_id {annotation.get('image_id')})")
     name = str(image.get("file_name", ""))
     flat = np.asarray(annotation.get("keypoints", []), dtype=np.float64).reshape(-1)
     if flat.size != 17 * 3 or not np.isfinite(flat).all():
