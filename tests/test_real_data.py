@@ -70,6 +70,20 @@ def test_ingest_keeps_the_truth_of_an_evaluation_set_and_never_overwrites(tmp_pa
     assert sorted(p.name for p in (data / "test").iterdir()) == ["3dpw-copy-part-00000.parquet", "3dpw-part-00000.parquet"]
 
 
+def test_an_h36m_protocol_file_ingests_on_its_3d_joints_alone(tmp_path, capsys):
+    h36m = spin.write_h36m_train(tmp_path / "in", n=3)
+    arrays = np.load(h36m.file)
+    protocol_file = tmp_path / "in" / "h36m_valid_protocol2.npz"
+    np.savez(protocol_file, **{k: arrays[k] for k in ("imgname", "center", "scale", "S")})  # SPIN's h36m.py keys
+    code, out, err = run_cli(["data", "ingest", protocol_file, "--images", h36m.images, "--out", tmp_path / "data",
+                              "--img-size", 48], capsys)
+    assert code == 0, err
+    record = json.loads(out.strip().splitlines()[-1])
+    assert (record["dataset"], record["split"], record["protocol"], record["written"]) == ("h36m-p2", "test", "h36m-p2", 3)
+    table = read_table(shard_paths(tmp_path / "data", "test")[0], SAMPLES_SCHEMA)
+    np.testing.assert_allclose(to_numpy(table, "joints3d"), arrays["S"], atol=1e-6)
+
+
 def test_training_rows_need_2d_labels_and_bad_images_are_quarantined(tmp_path, capsys):
     lsp = spin.write_lsp_original_train(tmp_path / "in", n=6, missing=(1,), truncated=(2,))
     arrays = dict(np.load(lsp.file))
