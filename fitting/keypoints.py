@@ -69,6 +69,20 @@ GT24: tuple[int, ...] = tuple(range(25, 49))
 # The OpenPose block.
 OP25: tuple[int, ...] = tuple(range(25))
 
+# COCO's 17 person keypoints, in COCO's order, and the keypoint each one is in this layout (SPIN's
+# `datasets/preprocess/coco.py`): the face into the ground-truth block's nose, eyes and ears, the
+# limbs into its LSP joints. A labelled COCO joint, visible or not, has confidence 1 there.
+COCO17_NAMES: tuple[str, ...] = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+COCO17_TO_KEYPOINTS: tuple[int, ...] = tuple(KEYPOINT_NAMES.index(n) for n in (
+    "Nose", "Left Eye", "Right Eye", "Left Ear", "Right Ear", "Left Shoulder", "Right Shoulder",
+    "Left Elbow", "Right Elbow", "Left Wrist", "Right Wrist", "Left Hip", "Right Hip",
+    "Left Knee", "Right Knee", "Left Ankle", "Right Ankle",
+))
+
 # Torso keypoints of SMPLify's camera stage: OpenPose's when all four are detected, else the
 # ground-truth convention's (SPIN's camera_fitting_loss).
 OP_TORSO: tuple[int, ...] = tuple(
@@ -101,6 +115,7 @@ def _check() -> None:
     assert len(KEYPOINT_NAMES) == 49 and len(KEYPOINT_SOURCE) == 49 and len(FLIP_PERM) == 49
     assert sorted(FLIP_PERM) == list(range(49))
     assert max(KEYPOINT_SOURCE) < NUM_SOURCE_JOINTS
+    assert len(COCO17_NAMES) == len(COCO17_TO_KEYPOINTS) == 17
 
 
 _check()

@@ -192,7 +192,7 @@ def read_prior_arrays(path: str | Path, allow_pickle: bool = False) -> dict[str,
         raise BadInput(f"pose prior not found: {path}")
     if path.suffix == ".pkl":
         if not allow_pickle:
-            raise BadInput(f"{path}: reading a pickle needs an explicit opt-in (allow_pickle=True)")
+            raise BadInput(f"{path}: reading a pickle needs an explicit opt-in (--allow-pickle)")
         raw = _read_pickle(path)
     else:
         try:

@@ -8,6 +8,7 @@ keeps only what the run sets.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +52,11 @@ class TrackingConfig(Settings):
 class RunConfig(Settings):
     SECTION = "config"
 
-    data: str = ""                 # samples directory (with train/ and test/ splits)
+    data: str = ""                 # data root (train/ and test/ splits, one or many datasets)
+    mix: dict[str, float] = field(default_factory=dict)  # dataset (or "a,b": split by size) -> sampling weight
     body_model: str = ""           # SMPL-layout .npz; "" is the built-in model
     prior: str = ""                # GMM pose prior .npz (gmm_08 layout); "" is the built-in prior
+    init_from: str = ""            # regressor 0's start: "" (backbone_weights), spin:FILE, or a checkpoint
     rounds: int = 3
     seed: int = 0
     train_preset: str = "small"
@@ -65,6 +68,15 @@ class RunConfig(Settings):
     def __post_init__(self) -> None:
         # read the sections that other rooms own now: a bad setting fails before any work
         _ = self.smplify, self.training
+        for key, command in (("prior", "prior"), ("body_model", "body-model")):
+            path = getattr(self, key)
+            if path.lower().endswith(".pkl"):
+                target = path[:-4] + ".npz"
+                raise BadInput(f"{key}: {path} is a pickle, which a run never loads; convert it once with "
+                               f"`spin-pipeline {command} convert --allow-pickle {path} {target}` and set {key}: {target}")
+        for key, weight in self.mix.items():
+            if not (math.isfinite(weight) and weight >= 0):
+                raise BadInput(f"mix.{key}: a sampling weight must be a number >= 0, got {weight}")
 
     @property
     def smplify(self) -> SmplifyConfig:
@@ -138,6 +150,9 @@ def resolve_config(run: Location, config_path: str | None, overrides: dict[str, 
     config = apply_overrides(base, overrides)
     if config.data and not storage.is_dir(config.data):
         raise BadInput(f"data directory not found: {config.data}")
+    start = config.init_from.removeprefix("spin:")
+    if start and not storage.exists(start):
+        raise BadInput(f"init_from: {start} not found")
     save_config(config, saved)
     return config
 

@@ -142,7 +142,7 @@ def fit_round(
     start = time.perf_counter()
     if pending:
         _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress)
-    summary = summarize(out_dir, [storage.basename(p) for p in shards])
+    summary = summarize(out_dir, shards)
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
                    shards_fitted_now=len(pending), shards=len(shards))
     if pending and not is_verbose():
@@ -222,10 +222,33 @@ def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
     write_table(fits, storage.join(out_dir, name))
 
 
-def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
+def datasets_of(shards: list[Location]) -> dict[str, str]:
+    """sample_id -> dataset over samples shards (two columns of each)."""
+    out: dict[str, str] = {}
+    for path in shards:
+        table = storage.read_parquet(path, columns=["sample_id", "dataset"])
+        out.update(zip(table.column("sample_id").to_pylist(), table.column("dataset").to_pylist()))
+    return out
+
+
+def per_dataset(sample_ids: list[str], valid: np.ndarray, quarantined: list[str],
+                dataset_of: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Fits, acceptance and quarantined samples per dataset."""
+    names = np.asarray([dataset_of.get(s, "?") for s in sample_ids])
+    lost = [dataset_of.get(s, "?") for s in quarantined]
+    out = {}
+    for name in sorted(set(names.tolist()) | set(lost)):
+        mine = names == name
+        out[name] = {"rows": int(mine.sum()), "acceptance_rate": float(valid[mine].mean()) if mine.any() else 0.0,
+                     "quarantined": lost.count(name)}
+    return out
+
+
+def summarize(out_dir: Location, shards: list[Location]) -> dict[str, Any]:
     done = set(committed_shards(out_dir))
-    columns = ["loss", "valid", "betas_ok", "found_in_round", "init"]
-    tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in shard_names if n in done]
+    names = [storage.basename(p) for p in shards]
+    columns = ["sample_id", "loss", "valid", "betas_ok", "found_in_round", "init"]
+    tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in names if n in done]
     table = pa.concat_tables(tables) if tables else None
     quarantine = rundir.read_quarantine(out_dir)
     summary: dict[str, Any] = {"rows": 0, "quarantined": len(quarantine)}
@@ -243,6 +266,8 @@ def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
         loss_mean=float(loss.mean()),
         found_in_round={str(int(r)): int((found == r).sum()) for r in np.unique(found)},
         init={str(k): int((init == k).sum()) for k in np.unique(init)},
+        per_dataset=per_dataset(table.column("sample_id").to_pylist(), np.asarray(valid, bool),
+                                quarantine.column("sample_id").to_pylist(), datasets_of(shards)),
         quarantine_reasons=dict(zip(*np.unique(quarantine.column("reason").to_pylist(), return_counts=True)))
         if len(quarantine) else {},
     )

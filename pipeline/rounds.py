@@ -19,6 +19,9 @@ from pipeline.report import format_metrics, headline, round_table, step_line
 from pipeline.tracking import Tracker
 from trainer.data import storage
 from trainer.data.storage import Location
+from trainer.data.datasets import rows_per_dataset
+from trainer.data.tables import shard_paths
+from trainer.dataset import mixing_probabilities
 from trainer.train import train_regressor
 from trainer.train_config import TRAIN_PRESETS
 
@@ -31,22 +34,37 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
     rundir.clear_success(run, round_index, "model")
     fits = rundir.read_fits(run, round_index)
     train_config = config.training
-    init = None
-    if round_index > 0:
-        if not rundir.is_done(run, round_index - 1, "model"):
-            raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
-        init = storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
+    init = start_of(run, round_index, config)
     child = tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict()}) if tracker else None
     log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if tracker else None
     summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
-                              init_checkpoint=init, log_metrics=log)
+                              init_from=init, log_metrics=log, mix=config.mix)
     summary = {**summary, "round": round_index}
     rundir.publish(out_dir, run, round_index, "model", ["checkpoint.pt"])  # before _SUCCESS.json
     rundir.mark_done(run, round_index, "model", summary)
     if tracker:
+        # which weights the backbone started from (ImageNet or SPIN file, and its hash), and the mixing
+        tracker.log_params(child, {"backbone_weights": summary["backbone_weights"], "mix": config.mix})
         tracker.log_dict(child, summary, "summary.json")
         tracker.finish(child)
     return summary
+
+
+def start_of(run: Location, round_index: int, config: RunConfig) -> str | None:
+    """Where regressor N starts: regressor N-1 (N >= 1), else the run's `init_from` (SPIN's
+    checkpoint as 'spin:FILE', or a checkpoint of this project), else the backbone's weights."""
+    if round_index == 0:
+        return config.init_from or None
+    if not rundir.is_done(run, round_index - 1, "model"):
+        raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
+    return str(storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt")))
+
+
+def check_mix(config: RunConfig) -> dict[str, float]:
+    """The mixing probabilities of the run's training data (one column per shard read), so that a
+    `mix` that does not fit the data stops a run before any work."""
+    counts = rows_per_dataset(shard_paths(config.data, "train"))
+    return mixing_probabilities(counts, config.mix)
 
 
 def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
@@ -71,6 +89,8 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
     """Fit and train (and evaluate) round after round, skipping finished steps; one line per step."""
+    if config.mix:
+        check_mix(config)
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
                                  params=config.to_dict())
     results = []
@@ -117,15 +137,17 @@ def common_options(func):
 @click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
 @click.option("--steps", type=int, help="Training steps (overrides the preset).")
 @click.option("--device", help="cpu, cuda or auto.")
+@click.option("--init-from", help="Where regressor 0 starts: spin:FILE (SPIN's model_checkpoint.pt) or a checkpoint.")
 @click.option("--force", is_flag=True, help="Retrain even if regressor N exists.")
-def train(round_index, data, run_dir, config_path, preset, steps, device, force):
-    """Train regressor N on RUN/round=N/fits, warm-starting from regressor N-1.
+def train(round_index, data, run_dir, config_path, preset, steps, device, init_from, force):
+    """Train regressor N on RUN/round=N/fits, warm-starting from regressor N-1 (regressor 0 from
+    --init-from, e.g. spin:data/model_checkpoint.pt, else from the backbone's ImageNet weights).
 
     Writes RUN/round=N/model/checkpoint.pt and _SUCCESS.json; resumes from its last checkpoint.
     """
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
-                                               "train.device": device})
+                                               "train.device": device, "init_from": init_from})
     if not rundir.is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
     tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
@@ -140,13 +162,14 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
 @click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
 @click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver.")
+@click.option("--init-from", help="Where regressor 0 starts: spin:FILE (SPIN's model_checkpoint.pt) or a checkpoint.")
 @click.option("--force", is_flag=True, help="Redo every step, even finished ones.")
-def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
+def run(rounds, data, run_dir, config_path, ray_address, preset, solver, init_from, force):
     """The alternating driver: fit 0, train 0, eval 0, fit 1, ... Resumes at the first step without
     _SUCCESS.json; logs a parent MLflow run with a child per step."""
     path = storage.location(run_dir)
     config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
-                                                "fit.solver": solver})
+                                                "fit.solver": solver, "init_from": init_from})
     results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
     click.echo(round_table(results))
 

@@ -14,7 +14,7 @@ so a run is reproducible whatever the number of workers and resumes exactly mid-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -114,6 +114,7 @@ class SamplesDataset(Dataset):
         if len(samples) == 0:
             raise BadInput("no usable samples")
         self.sample_ids = samples.column("sample_id").to_pylist()
+        self.datasets = np.asarray(samples.column("dataset").to_pylist())
         self.images = samples.column("image").combine_chunks()
         self.uris = samples.column("image_uri").to_pylist()
         self.keypoints = to_numpy(samples, "keypoints")
@@ -192,6 +193,75 @@ class StepBatchSampler(Sampler[list[int]]):
                     cache[epoch] = self._permutation(epoch)
                 batch.append(epoch * self.n + int(cache[epoch][index]))
             yield batch
+
+
+# SPIN's mixing (datasets/mixed_dataset.py): H36M 0.3, the four 2D in-the-wild sets 0.6 split by
+# their sizes, MPI-INF-3DHP 0.1. A key naming several datasets shares its weight by size.
+SPIN_MIX: dict[str, float] = {"h36m": 0.3, "lsp-orig,mpii,lspet,coco": 0.6, "mpi-inf-3dhp": 0.1}
+
+
+def mixing_probabilities(counts: Mapping[str, int], mix: Mapping[str, float]) -> dict[str, float]:
+    """Per-dataset sampling probabilities from the datasets' sizes and a run's `mix`.
+
+    `mix` maps a dataset, or several joined by commas, to a weight; a group's weight is split in
+    proportion to its datasets' sizes (SPIN_MIX's in-the-wild group), and the weights are
+    normalized. An empty `mix` draws every row alike. BadInput when `mix` names no dataset of the
+    data, leaves a dataset of the data without a weight (0 leaves it out of training) or names one twice."""
+    counts = {name: int(n) for name, n in counts.items() if n > 0}
+    if not mix:
+        total = sum(counts.values())
+        return {name: n / total for name, n in counts.items()}
+    owner: dict[str, str] = {}
+    for key, weight in mix.items():
+        if not (np.isfinite(weight) and weight >= 0):
+            raise BadInput(f"mix: weight of '{key}' must be a number >= 0, got {weight}")
+        names = [n.strip() for n in str(key).split(",") if n.strip()]
+        twice = [n for n in names if n in owner]
+        if twice:
+            raise BadInput(f"mix: dataset '{twice[0]}' has two weights")
+        if not any(n in counts for n in names):
+            raise BadInput(f"mix: '{key}' names no dataset of the training data (it has: {', '.join(sorted(counts))})")
+        owner.update({n: key for n in names})
+    unweighted = sorted(set(counts) - set(owner))
+    if unweighted:
+        raise BadInput(f"mix: no weight for {', '.join(unweighted)} of the training data (weight 0 leaves a "
+                       "dataset out of training)")
+    group_size = {key: sum(counts.get(n, 0) for n in owner if owner[n] == key) for key in mix}
+    raw = {name: mix[owner[name]] * n / group_size[owner[name]] for name, n in counts.items()}
+    total = sum(raw.values())
+    if total <= 0:
+        raise BadInput("mix: every dataset of the training data has weight 0")
+    return {name: w / total for name, w in raw.items()}
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches for steps start..stop-1 that draw each sample's dataset by its probability and then
+    a row of that dataset uniformly (SPIN's MixedDataset). Draws depend only on (seed, step), so a
+    resumed run sees the same batches. Keys are (step * batch + position) * N + row: the row is
+    key % N, and every draw has its own augmentation."""
+
+    def __init__(self, dataset_rows: Mapping[str, np.ndarray], probabilities: Mapping[str, float],
+                 batch_size: int, seed: int, start: int, stop: int):
+        names = [n for n in dataset_rows if probabilities.get(n, 0) > 0]
+        self.rows = [np.asarray(dataset_rows[n]) for n in names]
+        self.p = np.array([probabilities[n] for n in names]) / sum(probabilities[n] for n in names)
+        self.n = int(sum(len(r) for r in dataset_rows.values()))
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.start, self.stop = int(start), int(stop)
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def epoch_of(self, step: int) -> int:
+        return (step * self.batch_size) // self.n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            rng = np.random.default_rng([self.seed, 7919, step])
+            which = rng.choice(len(self.rows), size=self.batch_size, p=self.p)
+            first = step * self.batch_size
+            yield [(first + position) * self.n + int(self.rows[d][rng.integers(len(self.rows[d]))])
+                   for position, d in enumerate(which)]
 
 
 def _worker_init(_: int) -> None:

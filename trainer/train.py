@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +22,24 @@ from fitting.errors import BadInput
 from fitting.priors import load_prior
 from trainer.data.storage import atomic_local
 from trainer.data.tables import SAMPLES_SCHEMA, conform
-from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
+from trainer.dataset import (
+    MixedBatchSampler,
+    SamplesDataset,
+    StepBatchSampler,
+    make_loader,
+    mixing_probabilities,
+    read_samples,
+)
 from trainer.losses import compute_losses
 from trainer.mean_params import load_mean_params
-from trainer.model import Regressor, axis_angle_pose, cam_translation, normalize_images
+from trainer.model import (
+    Regressor,
+    axis_angle_pose,
+    cam_translation,
+    load_spin_weights,
+    normalize_images,
+    weights_record,
+)
 from trainer.train_config import TrainConfig
 
 CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
@@ -39,9 +53,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise BadInput(f"unknown device '{name}'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():  # never a silent fall back to the CPU
+        raise BadInput(f"device '{name}': no CUDA device is visible to torch (use --device cpu or auto)")
+    return device
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
@@ -96,17 +113,40 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _build_regressor(config: TrainConfig, init_checkpoint: Path | None) -> Regressor:
-    if init_checkpoint is None:
-        return Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
-                         backbone_weights=config.backbone_weights)
-    payload = read_checkpoint(init_checkpoint)
+SPIN_PREFIX = "spin:"
+
+
+def parse_init(init_from: str | Path | None) -> tuple[str, Path | None]:
+    """('fresh' | 'spin' | 'checkpoint', path) from a start: None, 'spin:PATH' (SPIN's released
+    checkpoint) or the path of one of this project's checkpoints."""
+    if init_from in (None, ""):
+        return "fresh", None
+    text = str(init_from)
+    if text.startswith(SPIN_PREFIX):
+        return "spin", Path(text[len(SPIN_PREFIX):])
+    return "checkpoint", Path(text)
+
+
+def _build_regressor(config: TrainConfig, init_from: str | Path | None) -> tuple[Regressor, dict[str, str]]:
+    """The regressor to train and the record of the weights its backbone started from (carried
+    along warm starts, so the last round still names the ImageNet or SPIN file)."""
+    kind, path = parse_init(init_from)
+    if kind == "fresh":
+        regressor = Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
+                              backbone_weights=config.backbone_weights)
+        return regressor, regressor.backbone_weights
+    if kind == "spin":
+        # every weight comes from SPIN's file, its mean parameters included: the ImageNet file is not needed
+        regressor = Regressor(config.backbone, config.img_res, mean_params=_zero_mean_params(), backbone_weights="none")
+        load_spin_weights(regressor, path)
+        return regressor, weights_record(path, "spin")
+    payload = read_checkpoint(path)
     if payload["regressor"].get("backbone") != config.backbone:
-        raise BadInput(f"{init_checkpoint}: a {payload['regressor'].get('backbone')} regressor cannot warm-start "
+        raise BadInput(f"{path}: a {payload['regressor'].get('backbone')} regressor cannot warm-start "
                        f"a {config.backbone} one")
-    regressor = regressor_from_payload(payload, str(init_checkpoint))
+    regressor = regressor_from_payload(payload, str(path))
     regressor.img_res = regressor.config["img_res"] = config.img_res  # the network is resolution-independent
-    return regressor
+    return regressor, payload.get("backbone_weights", weights_record(None, "random"))
 
 
 class _Meter:
@@ -154,11 +194,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _resume(last: Path, config: TrainConfig, regressor: Regressor, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> int:
+def _resume(last: Path, config: TrainConfig, mix: dict[str, float], regressor: Regressor,
+            optimizer: torch.optim.Optimizer, device: torch.device) -> int:
     """Load last.pt into the regressor, the optimizer and the RNG; returns its step."""
     state = read_checkpoint(last, device)
-    if _comparable(state["train_config"]) != _comparable(config.to_dict()):
+    if _comparable(state["train_config"]) != _comparable(config.to_dict()) or state.get("mix", {}) != mix:
         raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
     regressor.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -171,16 +211,21 @@ def train_regressor(
     samples_dirs: list[Path],
     fits: pa.Table | None,
     out_dir: Path,
-    init_checkpoint: Path | None = None,
+    init_from: str | Path | None = None,
     body_model: torch.nn.Module | None = None,
     prior: torch.nn.Module | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    mix: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train for `config.steps` steps; see the module docstring.
 
+    init_from: None (the backbone's configured weights), a checkpoint of this project to
+    warm-start from, or 'spin:PATH', SPIN's released checkpoint. mix: sampling weights per
+    dataset (`trainer.dataset.mixing_probabilities`); None or empty draws every row alike.
     log_metrics(metrics, step) gets train/<term> means every `log_every` steps (and at the end)
     and epoch/<term> means when an epoch ends. Returns a summary: steps, seconds, images_per_s,
-    final_losses (the last logging window), sample counts, backbone weights, device."""
+    final_losses (the last logging window), sample counts and draws per dataset, the weights the
+    backbone started from (file and SHA-256), device."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if config.mode == "fits" and fits is None:
         raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
@@ -199,13 +244,22 @@ def train_regressor(
         prior = load_prior()
     prior = prior.to(device) if prior is not None else None
 
-    regressor = _build_regressor(config, Path(init_checkpoint) if init_checkpoint else None).to(device)
+    regressor, started_from = _build_regressor(config, init_from)
+    regressor = regressor.to(device)
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
     last = out_dir / "last.pt"
-    start = _resume(last, config, regressor, optimizer, device) if last.is_file() else 0
+    mix = dict(mix or {})
+    start = _resume(last, config, mix, regressor, optimizer, device) if last.is_file() else 0
 
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
+    names, counts = np.unique(dataset.datasets, return_counts=True)
+    probabilities = mixing_probabilities(dict(zip(names.tolist(), counts.tolist())), mix)
+    if mix:
+        rows = {name: np.flatnonzero(dataset.datasets == name) for name in names.tolist()}
+        sampler = MixedBatchSampler(rows, probabilities, config.batch_size, config.seed, start, config.steps)
+    else:
+        sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
     loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    drawn = np.zeros(len(dataset), np.int64)
     regressor.train()
     meter = _Meter()
     images, started, step = 0, time.perf_counter(), start
@@ -213,6 +267,7 @@ def train_regressor(
     with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step", leave=False) as bar:
         for batch in loader:
             values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
+            np.add.at(drawn, batch["row"].numpy(), 1)
             step += 1
             images += len(batch["image"])
             meter.add(values)
@@ -230,7 +285,8 @@ def train_regressor(
                     log_metrics({**meter.means(meter.epoch, "epoch/"), "epoch": float(sampler.epoch_of(step - 1))}, step)
                 meter.epoch = {}
             if step % config.checkpoint_every == 0 and not done:
-                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state()), last)
+                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state(),
+                                         mix=mix, backbone_weights=started_from), last)
     seconds = time.perf_counter() - started
     summary = {
         "steps": step, "trained_steps": step - start, "resumed_from": start or None,
@@ -238,10 +294,15 @@ def train_regressor(
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
         "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
         "fitted_samples": int(dataset.targets["pose_valid"].sum()),
-        "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
-        "warm_start": str(init_checkpoint) if init_checkpoint else None, "device": str(device), "mode": config.mode,
+        "backbone": config.backbone, "backbone_weights": started_from,
+        "init_from": str(init_from) if init_from else None, "device": str(device), "mode": config.mode,
+        "datasets": {name: {"samples": int(n), "probability": round(probabilities[name], 6),
+                            "drawn": int(drawn[dataset.datasets == name].sum())}
+                     for name, n in zip(names.tolist(), counts.tolist())},
+        "mix": mix,
     }
-    save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary), out_dir / "checkpoint.pt")
+    save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary, backbone_weights=started_from),
+                    out_dir / "checkpoint.pt")
     if last.exists():
         last.unlink()
     return summary

@@ -197,19 +197,30 @@ def _image_problem(data: bytes | None, uri: str | None) -> str | None:
     return None
 
 
+def _has_smpl(table: pa.Table) -> np.ndarray:
+    """(N,) rows flagged has_smpl (their pose and betas are checked with the other truth)."""
+    if "has_smpl" not in table.column_names:
+        return np.zeros(len(table), bool)
+    return np.array([bool(v) for v in table.column("has_smpl").to_pylist()], bool)
+
+
 def validate_samples(
     table: pa.Table,
     min_visible: int = DEFAULT_MIN_VISIBLE,
     source: str = "",
     check_images: bool = True,
+    labels_2d: np.ndarray | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Split a samples table into (good rows, quarantine table with one reason per bad row).
 
     A row is bad when its sample_id repeats an earlier row's, its image is missing or undecodable
     (decoding is skipped with check_images=False), its keypoints are not (49, 3) or not finite,
-    a confidence is negative, fewer than `min_visible` keypoints have confidence > 0, or a
-    ground-truth array (pose, betas, joints3d) that is present has the wrong size or non-finite
-    values. The first reason found is reported.
+    a confidence is negative, its labels are its 2D keypoints and fewer than `min_visible` of them
+    have confidence > 0, or a ground-truth array (pose, betas, joints3d) that is present has the
+    wrong size or non-finite values. The first reason found is reported.
+
+    A row's labels are its 2D keypoints unless it has ground-truth SMPL (`has_smpl`), or
+    `labels_2d` (N,) bool says otherwise (an evaluation set scored on its 3D truth).
     """
     n = len(table)
     ids = table.column("sample_id").to_pylist()
@@ -233,13 +244,15 @@ def validate_samples(
     for row in range(n):
         reasons[row] = reasons[row] or kp_reasons[row]
     ok_rows = np.array([r is None for r in reasons])
+    labelled_2d = np.ones(n, bool) if labels_2d is None else np.asarray(labels_2d, bool).copy()
+    labelled_2d &= ~_has_smpl(table)
     if ok_rows.any():
         kps = pc.list_flatten(table.column("keypoints").combine_chunks().filter(pa.array(ok_rows)))
         conf = kps.to_numpy(zero_copy_only=False).reshape(-1, NUM_KEYPOINTS, 3)[:, :, 2]
         for row, c in zip(np.flatnonzero(ok_rows), conf):
             if (c < 0).any():
                 reasons[row] = "negative keypoint confidence"
-            elif int((c > 0).sum()) < min_visible:
+            elif labelled_2d[row] and int((c > 0).sum()) < min_visible:
                 reasons[row] = f"only {int((c > 0).sum())} visible keypoints (< {min_visible})"
 
     for name in _GT_COLUMNS:
