@@ -236,7 +236,7 @@ def train_regressor(
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
         "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
-        "fitted_samples": int(dataset.targets["pose_valid"].sum()),
+        "fitted_samples": int(dataset.targets["fit_valid"].sum()),
         "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
         "warm_start": str(init_checkpoint) if init_checkpoint else None, "device": str(device), "mode": config.mode,
     }
