@@ -5,7 +5,8 @@
   built-in model's, with the vertices re-ordered so that smplx's default SMPL vertex ids (nose
   332, ...) pick the built-in model's own keypoint vertices; the male and female templates are the
   neutral one moved along two shape directions.
-- `J_regressor_extra.npy` (9, 6890) and `J_regressor_h36m.npy` (17, 6890), float64.
+- `J_regressor_extra.npy` (9, 6890) and `J_regressor_h36m.npy` (17, 6890), float64: the built-in
+  model's, re-ordered like its vertices (the H36M rows as `body-model build` makes them).
 - `h36m_valid_protocol{1,2}.npz`, `mpi_inf_3dhp_test.npz` (SPIN's config reads it as
   `mpi_inf_3dhp_valid.npz`), `3dpw_test.npz` and `lsp_dataset_test.npz` with the keys, shapes and
   dtypes that SPIN's `datasets/preprocess/{h36m,mpi_inf_3dhp,pw3d,lsp_dataset}.py` write
@@ -33,6 +34,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from fitting.body_build import h36m_regressor
 from fitting.body_model import BodyModel, builtin_body_model_path
 from fitting.keypoints import VERTEX_JOINT_NAMES
 from fitting.pose_sampler import sample_body_poses
@@ -99,17 +101,6 @@ def extra_regressor() -> np.ndarray:
     return base["J_regressor_extra"][:, smpl_vertex_order(base["vertex_joint_ids"])].astype(np.float64)
 
 
-def h36m_regressor(arrays: dict[str, np.ndarray], extra: np.ndarray) -> np.ndarray:
-    """(17, V) float64 J_regressor_h36m for a model: each row regresses the joint that SPIN's index
-    lists pair it with, from the model's joint regressor (limbs, pelvis) and its extra regressor
-    (spine, neck, jaw, head)."""
-    J = np.asarray(arrays["J_regressor"], dtype=np.float64)
-    E = np.asarray(extra, dtype=np.float64)
-    rows = (J[0], J[1], J[4], J[7], J[2], J[5], J[8], E[6], E[2], E[7], E[8],
-            J[16], J[18], J[20], J[17], J[19], J[21])
-    return np.stack(rows)
-
-
 def write_official_pickle(path: Path, arrays: dict[str, np.ndarray], protocol: int = 2, num_betas: int = 10) -> Path:
     """Write SMPL arrays the way an official SMPL .pkl holds them: chumpy objects for the dense
     arrays (shapedirs with `num_betas` components: 10 in SMPL 1.0, 300 in 1.1), a scipy sparse
@@ -165,8 +156,8 @@ class SpinData:
 
     def model(self, gender: str = "neutral") -> BodyModel:
         """The gendered model as this project loads it (with the extra regressor)."""
-        return BodyModel({**self.arrays[gender], "J_regressor_extra": self.extra_array.astype(np.float32)},
-                         name=f"fixture SMPL ({gender})")
+        return BodyModel({**self.arrays[gender], "J_regressor_extra": self.extra_array.astype(np.float32),
+                          "J_regressor_h36m": self.h36m_array.astype(np.float32)}, name=f"fixture SMPL ({gender})")
 
 
 def write_spin_data(root: Path) -> SpinData:
@@ -176,7 +167,7 @@ def write_spin_data(root: Path) -> SpinData:
     for gender, values in arrays.items():
         write_official_pickle(root / "smpl" / f"SMPL_{gender.upper()}.pkl", values)
     extra = extra_regressor()
-    h36m = h36m_regressor(arrays["neutral"], extra)
+    h36m = h36m_regressor(arrays["neutral"]["J_regressor"], extra)
     np.save(root / "J_regressor_extra.npy", extra)
     np.save(root / "J_regressor_h36m.npy", h36m)
     return SpinData(root, root / "smpl", root / "J_regressor_extra.npy", root / "J_regressor_h36m.npy",
@@ -247,7 +238,6 @@ def make_scenes(data: SpinData, n: int, seed: int, frame_on: str, margin: float,
     betas = np.clip(rng.normal(size=(n, 10)), -2.0, 2.0)
     gender = np.array(["m", "f"])[np.arange(n) % 2] if gendered else np.full(n, "n")
     models = {g: data.model(g) for g in GENDER_SHAPE}
-    h36m_reg = torch.as_tensor(data.h36m_array)
     verts, kps, h36m = [], [], []
     for k in range(n):
         name = {"m": "male", "f": "female"}.get(str(gender[k]), "neutral")
@@ -257,7 +247,7 @@ def make_scenes(data: SpinData, n: int, seed: int, frame_on: str, margin: float,
         v = out.vertices[0].double()
         verts.append(v.numpy())
         kps.append(out.keypoints[0].double().numpy())
-        h36m.append((h36m_reg @ v).numpy())
+        h36m.append(models[name].h36m_joints(v[None])[0].numpy())
     verts, kps, h36m = np.stack(verts), np.stack(kps), np.stack(h36m)
     frame_points = {"lsp14": kps[:, list(LSP14)], "h36m": h36m, "coco18": kps[:, list(COCO18)], "vertices": verts}[frame_on]
     cam = np.stack([frame_camera(p, margin) for p in frame_points])

@@ -7,15 +7,11 @@ import pytest
 import torch
 
 from tests import spin_formats as sf
+from fitting.keypoints import H36M_TO_J14, H36M_TO_J17, J24_TO_J14, J24_TO_J17
 from trainer.data.protocols import (
-    H36M_TO_J14,
-    H36M_TO_J17,
-    J24_TO_J14,
-    J24_TO_J17,
     h36m_eval_joints,
     lsp14_truth,
     protocol_for_dataset,
-    regress_h36m,
     s_eval_joints,
 )
 
@@ -70,7 +66,7 @@ def test_s_rows_are_filled_as_spins_scripts_fill_them(spin, name):
 def test_truth_is_the_known_mesh_through_the_regressor(spin, name, joints):
     _, data, files = spin
     written = files[name]
-    pred = h36m_eval_joints(regress_h36m(torch.as_tensor(written.scenes.vertices), torch.as_tensor(data.h36m_array)), joints)
+    pred = h36m_eval_joints(data.model().h36m_joints(torch.as_tensor(written.scenes.vertices)), joints)
     gt, counts = s_eval_joints(torch.as_tensor(written.arrays["S"]), joints)
     assert counts.all() and gt.shape == pred.shape == (len(gt), 14 if joints == "h36m14" else 17, 3)
     torch.testing.assert_close(pred, gt, atol=1e-6, rtol=0)  # a micron: float32 regressor rows
@@ -81,13 +77,13 @@ def test_3dpw_truth_depends_on_the_gendered_mesh(spin):
     written = files["3dpw_test.npz"]
     pose = torch.as_tensor(written.arrays["pose"], dtype=torch.float32)
     betas = torch.as_tensor(written.arrays["shape"], dtype=torch.float32)
-    regressor = torch.as_tensor(data.h36m_array)
-    truth = h36m_eval_joints(regress_h36m(torch.as_tensor(written.scenes.vertices), regressor), "h36m14")
+    model = data.model()
+    truth = h36m_eval_joints(model.h36m_joints(torch.as_tensor(written.scenes.vertices)), "h36m14")
     male, female = (data.model(g)(pose, betas).vertices.double() for g in ("male", "female"))
     is_female = torch.as_tensor(written.arrays["gender"] == "f")
     gendered = torch.where(is_female[:, None, None], female, male)
-    torch.testing.assert_close(h36m_eval_joints(regress_h36m(gendered, regressor), "h36m14"), truth, atol=1e-5, rtol=0)
-    neutral = h36m_eval_joints(regress_h36m(data.model()(pose, betas).vertices.double(), regressor), "h36m14")
+    torch.testing.assert_close(h36m_eval_joints(model.h36m_joints(gendered), "h36m14"), truth, atol=1e-5, rtol=0)
+    neutral = h36m_eval_joints(model.h36m_joints(model(pose, betas).vertices.double()), "h36m14")
     assert (neutral - truth).norm(dim=-1).mean() > 0.005  # the neutral mesh is another body
 
 
