@@ -17,9 +17,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from fitting.body_model import load_body_model
+from fitting.body_model import BodyModel
 from fitting.errors import BadInput
-from fitting.priors import load_prior
+from fitting.priors import GMMPrior
 from trainer.data.storage import atomic_local
 from trainer.data.tables import SAMPLES_SCHEMA, conform
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
@@ -171,16 +171,18 @@ def train_regressor(
     samples_dirs: list[Path],
     fits: pa.Table | None,
     out_dir: Path,
+    body_model: BodyModel,
     init_checkpoint: Path | None = None,
-    body_model: torch.nn.Module | None = None,
-    prior: torch.nn.Module | None = None,
+    prior: GMMPrior | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train for `config.steps` steps; see the module docstring.
+    """Train for `config.steps` steps; see the module docstring. The body model (and, in the 2D
+    mode, the pose prior) are the caller's: a run passes its configured ones, never a default.
 
     log_metrics(metrics, step) gets train/<term> means every `log_every` steps (and at the end)
     and epoch/<term> means when an epoch ends. Returns a summary: steps, seconds, images_per_s,
-    final_losses (the last logging window), sample counts, backbone weights, device."""
+    final_losses (the last logging window), sample counts, backbone weights, device, and the body
+    model and prior it used (`loaded`: path and sha256 of each)."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if config.mode == "fits" and fits is None:
         raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
@@ -192,12 +194,10 @@ def train_regressor(
 
     dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
                              augment=config.augment if config.use_augmentation else None, seed=config.seed)
-    if body_model is None:
-        body_model = load_body_model()
-    body_model = body_model.to(device)
     if config.mode == "2d" and prior is None:
-        prior = load_prior()
-    prior = prior.to(device) if prior is not None else None
+        raise BadInput("the 2D-only mode needs the run's pose prior")
+    body_model = body_model.to(device)
+    prior = prior.to(device) if prior is not None and config.mode == "2d" else None
 
     regressor = _build_regressor(config, Path(init_checkpoint) if init_checkpoint else None).to(device)
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
@@ -239,6 +239,7 @@ def train_regressor(
         "fitted_samples": int(dataset.targets["fit_valid"].sum()),
         "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
         "warm_start": str(init_checkpoint) if init_checkpoint else None, "device": str(device), "mode": config.mode,
+        "loaded": {"body_model": body_model.identity, **({"prior": prior.identity} if prior is not None else {})},
     }
     save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary), out_dir / "checkpoint.pt")
     if last.exists():

@@ -21,6 +21,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from fitting.errors import BadInput
+from trainer.data.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_for_dataset
 from trainer.data.samples import (
     DEFAULT_MIN_VISIBLE,
     crop_square,
@@ -107,17 +108,22 @@ class IngestRow:
     reason: str | None = None
 
 
-def _crop_label_image(path: Path, center: np.ndarray, scale: float, size: int, binary: bool) -> bytes:
+def _label_image(path: Path, center: np.ndarray, scale: float, size: int, binary: bool, full: bool) -> bytes:
+    """A mask or part-label PNG: the crop's, or with `full` the whole original image's (SPIN scores
+    LSP's segmentation there)."""
     label = read_image_file(path, grayscale=True)
-    crop, _ = crop_square(label, center, scale, size, interpolation=cv2.INTER_NEAREST)
-    return encode_mask(crop > 0 if binary else crop)
+    if not full:
+        label, _ = crop_square(label, center, scale, size, interpolation=cv2.INTER_NEAREST)
+    return encode_mask(label > 0 if binary else label)
 
 
 def ingest_row(
-    index: int, arrays: dict[str, np.ndarray], keypoints: np.ndarray, images_root: Path, img_size: int
+    index: int, arrays: dict[str, np.ndarray], keypoints: np.ndarray, images_root: Path, img_size: int,
+    full_masks: bool = False,
 ) -> IngestRow:
-    """Crop one person's image and transform its keypoints; a missing or undecodable image (or
-    mask) is a quarantine reason, never an exception."""
+    """Crop one person's image and transform its keypoints; masks are cropped too, or kept whole
+    with `full_masks`. A missing or undecodable image (or mask) is a quarantine reason, never an
+    exception."""
     name = str(arrays["imgname"][index])
     center = np.asarray(arrays["center"][index], dtype=np.float64)
     scale = float(arrays["scale"][index])
@@ -129,9 +135,8 @@ def ingest_row(
         columns = {"image": encode_image(crop), "center": center, "scale": scale}
         for key, column in (("maskname", "mask"), ("partname", "part_mask")):
             if key in arrays and str(arrays[key][index]):
-                columns[column] = _crop_label_image(
-                    images_root / str(arrays[key][index]), center, scale, img_size, binary=column == "mask"
-                )
+                columns[column] = _label_image(images_root / str(arrays[key][index]), center, scale, img_size,
+                                               binary=column == "mask", full=full_masks)
     except BadInput as exc:
         return IngestRow(index, reason=str(exc).replace(str(images_root) + "/", ""))
     kp = to_normalized(transform_points(keypoints[index], transform), img_size)
@@ -140,7 +145,7 @@ def ingest_row(
     return IngestRow(index, columns=columns)
 
 
-def _chunk_table(rows: list[IngestRow], arrays: dict[str, np.ndarray], dataset: str) -> pa.Table:
+def _chunk_table(rows: list[IngestRow], arrays: dict[str, np.ndarray], dataset: str, protocol: str) -> pa.Table:
     idx = np.array([r.index for r in rows], dtype=np.int64)
     n = len(arrays["imgname"])
     has_pose = "pose" in arrays and "shape" in arrays
@@ -156,7 +161,10 @@ def _chunk_table(rows: list[IngestRow], arrays: dict[str, np.ndarray], dataset: 
         "has_smpl": gt.tolist(),
         "mask": [r.columns.get("mask") for r in rows],
         "part_mask": [r.columns.get("part_mask") for r in rows],
+        "protocol": [protocol] * len(idx),
     }
+    if "gender" in arrays:
+        columns["gender"] = [str(g) for g in arrays["gender"][idx]]
     if has_pose:
         columns["pose"] = [arrays["pose"][i] if g else None for i, g in zip(idx, gt)]
         columns["betas"] = [arrays["shape"][i] if g else None for i, g in zip(idx, gt)]
@@ -188,6 +196,10 @@ def ingest_spin_npz(
     if not images_root.is_dir():
         raise BadInput(f"image folder not found: {images_root}")
     dataset = dataset or npz_path.stem
+    # the dataset's name decides, else the file's (SPIN's file names are in the table)
+    protocol = protocol_for_dataset(dataset)
+    protocol = protocol if protocol != DEFAULT_PROTOCOL else protocol_for_dataset(npz_path.name)
+    full_masks = PROTOCOLS[protocol].segmentation == "image"
     keypoints = spin_keypoints(arrays)
     n = len(arrays["imgname"])
     quarantined, shards, written = [], 0, 0
@@ -196,7 +208,7 @@ def ingest_spin_npz(
     ) as bar:
         for start in range(0, n, shard_size):
             indices = range(start, min(start + shard_size, n))
-            rows = list(pool.map(lambda i: ingest_row(i, arrays, keypoints, images_root, img_size), indices))
+            rows = list(pool.map(lambda i: ingest_row(i, arrays, keypoints, images_root, img_size, full_masks), indices))
             bar.update(len(rows))
             bad = [r for r in rows if r.reason is not None]
             sid = max(6, len(str(n)))
@@ -209,7 +221,7 @@ def ingest_spin_npz(
             if not good_rows:
                 continue
             good, rejected = validate_samples(
-                _chunk_table(good_rows, arrays, dataset), min_visible=min_visible,
+                _chunk_table(good_rows, arrays, dataset, protocol), min_visible=min_visible,
                 source=npz_path.name, check_images=False,
             )
             quarantined.append(rejected)
@@ -222,5 +234,5 @@ def ingest_spin_npz(
     reasons = Counter(r.split(":")[0].split(" (")[0] for r in quarantine.column("reason").to_pylist())
     return {
         "dataset": dataset, "rows": n, "written": written, "quarantined": len(quarantine),
-        "shards": shards, "out": str(out_dir), "reasons": dict(reasons),
+        "shards": shards, "out": str(out_dir), "reasons": dict(reasons), "protocol": protocol,
     }

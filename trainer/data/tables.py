@@ -48,7 +48,9 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("betas", _fixed(10)),
     pa.field("joints3d", _fixed(24 * 4)),    # 24 ground-truth joints in metres + confidence
     pa.field("mask", pa.binary()),           # encoded PNG foreground mask (evaluation sets)
-    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation, 0 = background
+    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation (UP-3D's labels), 0 = background
+    pa.field("gender", pa.string()),         # 'm' / 'f' where the dataset says (3DPW); null otherwise
+    pa.field("protocol", pa.string()),       # evaluation protocol (trainer.data.protocols); null: from the dataset
 ])
 
 FITS_SCHEMA = pa.schema([
