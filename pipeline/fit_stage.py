@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +26,16 @@ import click
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from fitting.errors import BadInput
+from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.best_fit import BatchFitter
 from pipeline.config import RunConfig, resolve_config, run_models
+from pipeline.console import is_verbose, stderr_to
 from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
+from pipeline.report import step_line
 from pipeline.rundir import committed_shards
 from trainer.data import storage
 from trainer.data.storage import Location
@@ -141,6 +147,8 @@ def fit_round(
     summary = summarize(out_dir, [storage.basename(p) for p in shards])
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
                    shards_fitted_now=len(pending), shards=len(shards), models=models, loaded=loaded)
+    if pending and not is_verbose():
+        summary["ray_log"] = str(rundir.ray_log(run))
     rundir.mark_done(run, round_index, "fits", summary)
     return summary
 
@@ -153,7 +161,22 @@ def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ra
     pending = [p for p in pending if expected[storage.basename(p)] > 0]
     if not pending:
         return []
-    ensure_ray(ray_address, progress)
+    # Ray's own output goes to RUN/logs/ray.log unless --verbose; the console gets a bar by shard
+    with (nullcontext(sys.stderr) if is_verbose() else stderr_to(rundir.ray_log(run))) as console:
+        ensure_ray(ray_address, progress)
+        with tqdm(total=sum(expected[storage.basename(p)] for p in pending), desc=f"fit round {round_index}",
+                  unit="fit", file=console, disable=None if progress else True, leave=False) as bar:
+            loaded = _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar)
+    done = set(committed_shards(out_dir))
+    missing = sorted(n for n in expected if n not in done)
+    if missing:
+        raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+    return [json.loads(text) for text in sorted(loaded)]
+
+
+def _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar: tqdm) -> set[str]:
+    """Fit the pending shards on an actor pool and commit each shard as soon as all its rows are
+    back; the bar counts the fits. Returns what the actors loaded (JSON texts)."""
     import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
 
     plan = plan_resources(config)
@@ -180,11 +203,8 @@ def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ra
             counts[name] += len(part)
             if counts[name] == expected[name]:
                 commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
-    done = set(committed_shards(out_dir))
-    missing = sorted(n for n in expected if n not in done)
-    if missing:
-        raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
-    return [json.loads(text) for text in sorted(loaded)]
+                bar.update(counts[name])
+    return loaded
 
 
 def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -245,7 +265,7 @@ def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
 @click.option("--ray-address", default=None, help="Ray cluster address ('auto' inside a cluster); default: a local Ray sized to this machine.")
 @click.option("--batch-size", type=int, help="Samples per SMPLify batch in an actor.")
 @click.option("--num-actors", type=int, help="Actor pool size (default: one per core or GPU).")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver: lm (fast) or adam (SPIN's).")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver: lm (fast) or adam (SPIN's).")
 @click.option("--force", is_flag=True, help="Redo the round even if it finished.")
 def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_actors, solver, force):
     """One SMPLify fit round over the sample shards, on Ray.
@@ -258,6 +278,4 @@ def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_ac
     config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
                                                "fit.num_actors": num_actors, "fit.solver": solver})
     summary = fit_round(run, round_index, config, ray_address=ray_address, force=force)
-    state = "already done" if summary.get("skipped") else "done"
-    click.echo(f"fit round {round_index} {state}: {summary.get('rows', 0)} fits, "
-               f"acceptance {summary.get('acceptance_rate', 0):.3f}, quarantined {summary.get('quarantined', 0)}")
+    click.echo(step_line("fit", round_index, summary))

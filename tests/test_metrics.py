@@ -13,14 +13,14 @@ import torch
 from fitting.keypoints import GT24
 from fitting.render import part_labels, render
 from tests.test_train import make_body, make_samples
+from trainer.data.protocols import lsp14_joints
+from trainer.data.samples import encode_mask
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, to_numpy, write_shards
 from trainer.evaluate import evaluate_fits, evaluate_regressor, format_table, write_overlays
 from trainer.metrics import (
     AUC_THRESHOLDS_MM, auc, confusion_matrix, joint_errors, mpjpe, pa_mpjpe, pck, pose_metrics, segmentation_scores,
 )
-from trainer.data.protocols import lsp14_joints
 from trainer.model import Regressor
-from trainer.data.samples import encode_mask
-from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, to_numpy, write_shards
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from fitting.body_model import BodyModel
-from fitting.camera import FOCAL_LENGTH, IMG_RES
+from fitting.camera import FOCAL_LENGTH, IMG_RES, crop_camera
 from fitting.errors import BadInput
 from fitting.keypoints import GT24
 from fitting.render import overlay_mesh, part_labels, render
@@ -188,12 +188,6 @@ def report(per_protocol: dict[str, dict]) -> dict:
     if len(per_protocol) > 1:
         out["by_protocol"] = per_protocol
     return out
-
-
-def crop_camera(size: int) -> tuple[float, np.ndarray]:
-    """SPIN's camera (5000 px for a 224-px crop) for a stored crop of `size` pixels:
-    (focal, principal point)."""
-    return FOCAL_LENGTH * size / IMG_RES, np.array([size / 2.0, size / 2.0])
 
 
 class Segmentation:
