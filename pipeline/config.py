@@ -12,9 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
+from fitting.body_model import BodyModel, builtin_body_model_path, load_body_model
 from fitting.errors import BadInput
+from fitting.identity import file_identity
+from fitting.priors import GMMPrior, builtin_prior_path, load_prior
 from fitting.settings import Settings, read_yaml
 from fitting.smplify import SmplifyConfig
 from fitting.solvers import SOLVERS
@@ -57,6 +61,8 @@ class RunConfig(Settings):
     body_model: str = ""           # SMPL-layout .npz; "" is the built-in model
     prior: str = ""                # GMM pose prior .npz (gmm_08 layout); "" is the built-in prior
     init_from: str = ""            # regressor 0's start: "" (backbone_weights), spin:FILE, or a checkpoint
+    body_model_male: str = ""      # SMPL_MALE / SMPL_FEMALE as .npz: 3DPW's truth meshes (SPIN's);
+    body_model_female: str = ""    # "" scores 3DPW against the neutral model, and says so
     rounds: int = 3
     seed: int = 0
     train_preset: str = "small"
@@ -87,6 +93,38 @@ class RunConfig(Settings):
     def training(self) -> TrainConfig:
         """The trainer's settings: `train` over the preset's, seeded by the run unless it sets a seed."""
         return train_config(self.train_preset, self.train, seed=self.seed, where="config.train")
+
+
+GENDERS = ("male", "female")
+
+
+def run_models(config: RunConfig) -> dict[str, dict[str, str]]:
+    """The run's body model and pose prior (and its male and female models, when set): path and
+    sha256 of each file. Every step takes them at its start, loads only those contents and records
+    them, so a step can never use another model than the configured one."""
+    models = {"body_model": file_identity(config.body_model or builtin_body_model_path(), "body model"),
+              "prior": file_identity(config.prior or builtin_prior_path(), "pose prior")}
+    for gender in GENDERS:
+        path = getattr(config, f"body_model_{gender}")
+        if path:
+            models[f"body_model_{gender}"] = file_identity(path, f"{gender} body model")
+    return models
+
+
+def run_params(config: RunConfig) -> dict[str, Any]:
+    """What a run logs as its MLflow parameters: the configuration and the models it pins."""
+    return {**config.to_dict(), "models": run_models(config)}
+
+
+def load_run_body_model(models: dict[str, dict[str, str]], device: str | torch.device = "cpu",
+                        key: str = "body_model") -> BodyModel:
+    """The run's body model (`key`: or its male / female one), exactly the content `run_models` pinned."""
+    return load_body_model(models[key]["path"], device, sha256=models[key]["sha256"])
+
+
+def load_run_prior(models: dict[str, dict[str, str]], device: str | torch.device = "cpu") -> GMMPrior:
+    """The run's pose prior, exactly the content `run_models` pinned."""
+    return load_prior(models["prior"]["path"], device=device, sha256=models["prior"]["sha256"])
 
 
 def load_config(path: str | Location | None) -> RunConfig:

@@ -13,6 +13,7 @@ prediction. Samples with ground truth take it as their fit, as SPIN does.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ from fitting.errors import BadInput
 from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.best_fit import BatchFitter
-from pipeline.config import RunConfig, resolve_config
+from pipeline.config import RunConfig, resolve_config, run_models
 from pipeline.console import is_verbose, stderr_to
 from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
 from pipeline.report import step_line
@@ -49,9 +50,8 @@ class FitterSpec:
     round_index: int
     run: str                      # a local path or a URI
     smplify: dict[str, Any]
+    models: dict[str, dict[str, str]]   # the run's body model and prior, pinned (config.run_models)
     checkpoint: str = ""          # regressor N-1; empty for round 0
-    body_model: str = ""          # empty: the built-in model
-    prior: str = ""               # empty: the built-in prior
     device: str = "cpu"
     threads: int = 1
     columns: tuple[str, ...] = tuple(FIT_COLUMNS)   # what to read from a shard
@@ -95,12 +95,12 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
 
 
 def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int,
-              columns: list[str] | None = None) -> FitterSpec:
+              columns: list[str] | None = None, models: dict[str, dict[str, str]] | None = None) -> FitterSpec:
     checkpoint = ""
     if round_index > 0:
         checkpoint = str(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
-    return FitterSpec(round_index=round_index, run=str(run), smplify=config.smplify.to_dict(), checkpoint=checkpoint,
-                      body_model=config.body_model, prior=config.prior, device=device, threads=threads,
+    return FitterSpec(round_index=round_index, run=str(run), smplify=config.smplify.to_dict(),
+                      models=models or run_models(config), checkpoint=checkpoint, device=device, threads=threads,
                       columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 
 
@@ -137,42 +137,46 @@ def fit_round(
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
     shards = shard_paths(config.data, "train")
     metadata = check_inputs(run, round_index, shards)
+    models = run_models(config)
     committed = set(committed_shards(out_dir))  # one listing: what a killed round already wrote
     pending = [p for p in shards if storage.basename(p) not in committed]
     start = time.perf_counter()
+    loaded: list[dict[str, Any]] = []
     if pending:
-        _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress)
-    summary = summarize(out_dir, shards)
+        loaded = _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress)
+    summary = summarize(out_dir, [storage.basename(p) for p in shards])
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
-                   shards_fitted_now=len(pending), shards=len(shards))
+                   shards_fitted_now=len(pending), shards=len(shards), models=models, loaded=loaded)
     if pending and not is_verbose():
         summary["ray_log"] = str(rundir.ray_log(run))
     rundir.mark_done(run, round_index, "fits", summary)
     return summary
 
 
-def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress) -> None:
+def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress) -> list[dict]:
+    """Fit the pending shards on Ray; returns the models the actors loaded (each actor reports its own)."""
     expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
     for name in [n for n, rows in expected.items() if rows == 0]:  # nothing to fit, and no row would commit it
         write_table(FITS_SCHEMA.empty_table(), storage.join(out_dir, name))
     pending = [p for p in pending if expected[storage.basename(p)] > 0]
     if not pending:
-        return
+        return []
     # Ray's own output goes to RUN/logs/ray.log unless --verbose; the console gets a bar by shard
     with (nullcontext(sys.stderr) if is_verbose() else stderr_to(rundir.ray_log(run))) as console:
         ensure_ray(ray_address, progress)
         with tqdm(total=sum(expected[storage.basename(p)] for p in pending), desc=f"fit round {round_index}",
                   unit="fit", file=console, disable=None if progress else True, leave=False) as bar:
-            _run_actor_pool(run, round_index, config, pending, metadata, expected, out_dir, bar)
+            loaded = _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar)
     done = set(committed_shards(out_dir))
     missing = sorted(n for n in expected if n not in done)
     if missing:
         raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+    return [json.loads(text) for text in sorted(loaded)]
 
 
-def _run_actor_pool(run, round_index, config, pending, metadata, expected, out_dir, bar: tqdm) -> None:
+def _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar: tqdm) -> set[str]:
     """Fit the pending shards on an actor pool and commit each shard as soon as all its rows are
-    back; the bar counts the fits."""
+    back; the bar counts the fits. Returns what the actors loaded (JSON texts)."""
     import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
 
     plan = plan_resources(config)
@@ -182,7 +186,7 @@ def _run_actor_pool(run, round_index, config, pending, metadata, expected, out_d
     threads = max(1, int(plan["cpus_per_actor"]))
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
     present = set(metadata[storage.basename(pending[0])].schema.to_arrow_schema().names)
-    spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present])
+    spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present], models)
     ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=1,
@@ -191,13 +195,16 @@ def _run_actor_pool(run, round_index, config, pending, metadata, expected, out_d
     )  # Ray Data restarts a crashed actor and retries its shard; Python errors are handled inside
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
+    loaded: set[str] = set()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        loaded.update(block.column("models").unique().to_pylist())
         for name, part in split_by_shard(block):
             buffers[name].append(part)
             counts[name] += len(part)
             if counts[name] == expected[name]:
                 commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
                 bar.update(counts[name])
+    return loaded
 
 
 def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:

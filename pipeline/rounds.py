@@ -12,8 +12,16 @@ import click
 from fitting.errors import BadInput
 from fitting.solvers import SOLVERS
 from pipeline import rundir
-from pipeline.config import RunConfig, data_dir, resolve_config
-from pipeline.evaluation import evaluate_round
+from pipeline.config import (
+    RunConfig,
+    data_dir,
+    load_run_body_model,
+    load_run_prior,
+    resolve_config,
+    run_models,
+    run_params,
+)
+from pipeline.evaluation import check_evaluation, evaluate_round
 from pipeline.fit_stage import fit_round
 from pipeline.report import format_metrics, headline, round_table, step_line
 from pipeline.tracking import Tracker
@@ -34,12 +42,15 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
     rundir.clear_success(run, round_index, "model")
     fits = rundir.read_fits(run, round_index)
     train_config = config.training
+    models = run_models(config)
     init = start_of(run, round_index, config)
-    child = tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict()}) if tracker else None
+    child = (tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict(), "models": models})
+             if tracker else None)
     log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if tracker else None
     summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
-                              init_from=init, log_metrics=log, mix=config.mix)
-    summary = {**summary, "round": round_index}
+                              load_run_body_model(models), init_from=init, prior=load_run_prior(models),
+                              log_metrics=log, mix=config.mix)
+    summary = {**summary, "round": round_index, "models": models}
     rundir.publish(out_dir, run, round_index, "model", ["checkpoint.pt"])  # before _SUCCESS.json
     rundir.mark_done(run, round_index, "model", summary)
     if tracker:
@@ -73,8 +84,10 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
     if rundir.is_done(run, round_index, "eval") and not force:
         return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
     out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
-    child = tracker.child(f"eval-round{round_index}", {"round": round_index}) if tracker else None
-    metrics = evaluate_round(run, round_index, config, out_dir)
+    models = run_models(config)
+    check_evaluation(config, models)
+    child = tracker.child(f"eval-round{round_index}", {"round": round_index, "models": models}) if tracker else None
+    metrics = evaluate_round(run, round_index, config, models, out_dir)
     rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
     rundir.mark_done(run, round_index, "eval", metrics)
     if tracker:
@@ -91,8 +104,10 @@ def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str
     """Fit and train (and evaluate) round after round, skipping finished steps; one line per step."""
     if config.mix:
         check_mix(config)
+    models = run_models(config)
+    check_evaluation(config, models)  # a test split the body model cannot score fails here, not after round 0
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
-                                 params=config.to_dict())
+                                 params=run_params(config))
     results = []
     for r in range(rounds):
         start = time.perf_counter()
@@ -100,7 +115,7 @@ def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str
             fit_summary = rundir.read_success(run, r, "fits")
             click.echo(step_line("fit", r, {"skipped": True}))
         else:
-            child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__})
+            child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__, "models": models})
             fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress)
             tracker.log_metrics(child, fit_summary, step=r)
             tracker.log_dict(child, fit_summary, "fits_success.json")
@@ -150,7 +165,7 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, init_f
                                                "train.device": device, "init_from": init_from})
     if not rundir.is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
-    tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
+    tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=run_params(config))
     summary = train_round(run, round_index, config, tracker, force=force)
     checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
     click.echo(f"{step_line('train', round_index, summary)}: {checkpoint}")

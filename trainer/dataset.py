@@ -2,10 +2,10 @@
 does, served by a torch DataLoader.
 
 Targets per sample:
-    pose/betas  the ground truth where the sample has SMPL (`has_smpl`), else its fit
-    pose_valid  supervise pose and mesh: ground truth, or a valid fit whose betas are sane
-    betas_valid supervise betas: as above, plus every fit with extreme betas (`betas_ok` false),
-                whose betas target is then the mean shape (zero) - the design's shape guard
+    pose/betas  the ground truth where the sample has SMPL (`has_smpl`), else its fit, as stored
+    fit_valid   whether they supervise at all: ground truth, or a valid fit (SPIN's `valid_fit`)
+    betas_ok    the fit's betas are all within the guard (ground truth always is); the loss applies
+                SPIN's shape guard (`trainer.losses`)
 Images travel as uint8 (3, H, W); `trainer.model.normalize_images` runs on the device.
 
 Augmentation is a pure function of (seed, key): the sampler hands out keys = epoch * N + row,
@@ -61,8 +61,8 @@ def _fit_targets(samples: pa.Table, fits: pa.Table | None) -> dict[str, np.ndarr
     n = len(samples)
     pose = np.zeros((n, 72), np.float32)
     betas = np.zeros((n, 10), np.float32)
-    pose_valid = np.zeros(n, bool)
-    betas_valid = np.zeros(n, bool)
+    fit_valid = np.zeros(n, bool)
+    betas_ok = np.ones(n, bool)
     has_fit = np.zeros(n, bool)
     if fits is not None and len(fits):
         fit_ids = fits.column("sample_id").to_pylist()
@@ -73,24 +73,24 @@ def _fit_targets(samples: pa.Table, fits: pa.Table | None) -> dict[str, np.ndarr
         hit = rows >= 0
         f_pose, f_betas = to_numpy(fits, "pose"), to_numpy(fits, "betas")
         valid = to_numpy(fits, "valid").astype(bool)
-        betas_ok = to_numpy(fits, "betas_ok").astype(bool)
+        fit_betas_ok = to_numpy(fits, "betas_ok").astype(bool)
         sel = rows[hit]
         ok = _finite_rows(f_pose[sel]) & _finite_rows(f_betas[sel])
         idx = np.flatnonzero(hit)[ok]
         sel = sel[ok]
         has_fit[idx] = True
         pose[idx] = f_pose[sel]
-        betas[idx] = np.where(betas_ok[sel, None], f_betas[sel], 0.0)
-        pose_valid[idx] = valid[sel] & betas_ok[sel]
-        betas_valid[idx] = valid[sel] | ~betas_ok[sel]
+        betas[idx] = f_betas[sel]
+        fit_valid[idx] = valid[sel]
+        betas_ok[idx] = fit_betas_ok[sel]
     has_smpl = samples.column("has_smpl").to_numpy(zero_copy_only=False)
     has_smpl = np.asarray([bool(v) if v is not None else False for v in has_smpl], bool)
     if has_smpl.any():
         gt_pose, gt_betas = to_numpy(samples, "pose"), to_numpy(samples, "betas")
         gt = has_smpl & _finite_rows(gt_pose) & _finite_rows(gt_betas)
         pose[gt], betas[gt] = gt_pose[gt], gt_betas[gt]
-        pose_valid[gt] = betas_valid[gt] = has_fit[gt] = True
-    return {"pose": pose, "betas": betas, "pose_valid": pose_valid, "betas_valid": betas_valid, "has_fit": has_fit}
+        fit_valid[gt] = betas_ok[gt] = has_fit[gt] = True
+    return {"pose": pose, "betas": betas, "fit_valid": fit_valid, "betas_ok": betas_ok, "has_fit": has_fit}
 
 
 class SamplesDataset(Dataset):
@@ -155,8 +155,8 @@ class SamplesDataset(Dataset):
             "keypoints": torch.from_numpy(keypoints.astype(np.float32)),
             "pose": torch.from_numpy(pose.astype(np.float32)),
             "betas": torch.from_numpy(self.targets["betas"][row]),
-            "pose_valid": torch.tensor(bool(self.targets["pose_valid"][row])),
-            "betas_valid": torch.tensor(bool(self.targets["betas_valid"][row])),
+            "fit_valid": torch.tensor(bool(self.targets["fit_valid"][row])),
+            "betas_ok": torch.tensor(bool(self.targets["betas_ok"][row])),
             "joints3d": torch.from_numpy(joints3d.astype(np.float32)),
             "has_joints3d": torch.tensor(bool(self.has_joints3d[row])),
             "usable": torch.tensor(usable),

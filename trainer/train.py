@@ -17,9 +17,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from fitting.body_model import load_body_model
+from fitting.body_model import BodyModel
 from fitting.errors import BadInput
-from fitting.priors import load_prior
+from fitting.priors import GMMPrior
 from trainer.data.storage import atomic_local
 from trainer.data.tables import SAMPLES_SCHEMA, conform
 from trainer.dataset import (
@@ -211,13 +211,14 @@ def train_regressor(
     samples_dirs: list[Path],
     fits: pa.Table | None,
     out_dir: Path,
+    body_model: BodyModel,
     init_from: str | Path | None = None,
-    body_model: torch.nn.Module | None = None,
-    prior: torch.nn.Module | None = None,
+    prior: GMMPrior | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     mix: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Train for `config.steps` steps; see the module docstring.
+    """Train for `config.steps` steps; see the module docstring. The body model (and, in the 2D
+    mode, the pose prior) are the caller's: a run passes its configured ones, never a default.
 
     init_from: None (the backbone's configured weights), a checkpoint of this project to
     warm-start from, or 'spin:PATH', SPIN's released checkpoint. mix: sampling weights per
@@ -225,7 +226,8 @@ def train_regressor(
     log_metrics(metrics, step) gets train/<term> means every `log_every` steps (and at the end)
     and epoch/<term> means when an epoch ends. Returns a summary: steps, seconds, images_per_s,
     final_losses (the last logging window), sample counts and draws per dataset, the weights the
-    backbone started from (file and SHA-256), device."""
+    backbone started from (file and SHA-256), device, and the body model and prior it used
+    (`loaded`: path and sha256 of each)."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if config.mode == "fits" and fits is None:
         raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
@@ -237,12 +239,10 @@ def train_regressor(
 
     dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
                              augment=config.augment if config.use_augmentation else None, seed=config.seed)
-    if body_model is None:
-        body_model = load_body_model()
-    body_model = body_model.to(device)
     if config.mode == "2d" and prior is None:
-        prior = load_prior()
-    prior = prior.to(device) if prior is not None else None
+        raise BadInput("the 2D-only mode needs the run's pose prior")
+    body_model = body_model.to(device)
+    prior = prior.to(device) if prior is not None and config.mode == "2d" else None
 
     regressor, started_from = _build_regressor(config, init_from)
     regressor = regressor.to(device)
@@ -293,13 +293,14 @@ def train_regressor(
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
         "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
-        "fitted_samples": int(dataset.targets["pose_valid"].sum()),
+        "fitted_samples": int(dataset.targets["fit_valid"].sum()),
         "backbone": config.backbone, "backbone_weights": started_from,
         "init_from": str(init_from) if init_from else None, "device": str(device), "mode": config.mode,
         "datasets": {name: {"samples": int(n), "probability": round(probabilities[name], 6),
                             "drawn": int(drawn[dataset.datasets == name].sum())}
                      for name, n in zip(names.tolist(), counts.tolist())},
         "mix": mix,
+        "loaded": {"body_model": body_model.identity, **({"prior": prior.identity} if prior is not None else {})},
     }
     save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary, backbone_weights=started_from),
                     out_dir / "checkpoint.pt")

@@ -14,29 +14,20 @@ SPIN's datasets follow SPIN's `eval.py`:
 Every other dataset, and the built-in benchmark, keeps this project's own protocol: the 14 LSP
 joints of the model's keypoints, each set centred on its mid-hip.
 
-Index lists are SPIN's `constants.py`. J24 is the ground-truth block of the 49 keypoints
-(`fitting.keypoints`, rows 25..48); H36M17 is the row order of `J_regressor_h36m`.
+The index lists are SPIN's `constants.py`, in `fitting.keypoints`: J24 is the ground-truth block of
+the 49 keypoints (rows 25..48); H36M17 is the row order of `J_regressor_h36m`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 
-# SPIN's constants.py
-H36M_TO_J17: tuple[int, ...] = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10, 0, 7, 9)
-H36M_TO_J14: tuple[int, ...] = H36M_TO_J17[:14]
-J24_TO_J17: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 14, 16, 17)
-J24_TO_J14: tuple[int, ...] = J24_TO_J17[:14]
-H36M_PELVIS = 0
+from fitting.errors import BadInput
+from fitting.keypoints import H36M_TO_J14, H36M_TO_J17, J24_TO_J14, J24_TO_J17
 
-# Rows of J_regressor_h36m, named by the J24 joint each pairs with in the lists above (row 8 is
-# the LSP neck, row 10 SPIN's "Head (H36M)").
-H36M_JOINT_NAMES: tuple[str, ...] = (
-    "Pelvis", "Left Hip", "Left Knee", "Left Ankle", "Right Hip", "Right Knee", "Right Ankle",
-    "Spine", "Neck", "Jaw", "Head", "Left Shoulder", "Left Elbow", "Left Wrist",
-    "Right Shoulder", "Right Elbow", "Right Wrist",
-)
+H36M_PELVIS = 0
 # The 14 LSP joints of the built-in protocol: the first 14 rows of J24; rows 2 and 3 are the hips.
 LSP14_IN_J24: tuple[int, ...] = tuple(range(14))
 LSP14_HIPS: tuple[int, int] = (2, 3)
@@ -64,10 +55,8 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("lsp14", "lsp14", "joints3d", True, "crop",
              "14 LSP joints of the model's keypoints, mid-hip centred; masks of the crop"),
-    Protocol("h36m-p1", "h36m14", "joints3d", False, "",
-             "SPIN's Human3.6M protocol 1: J_regressor_h36m, H36M_TO_J14 vs S through J24_TO_J14"),
-    Protocol("h36m-p2", "h36m14", "joints3d", False, "",
-             "SPIN's Human3.6M protocol 2: J_regressor_h36m, H36M_TO_J14 vs S through J24_TO_J14"),
+    *(Protocol(f"h36m-p{k}", "h36m14", "joints3d", False, "",
+               f"SPIN's Human3.6M protocol {k}: J_regressor_h36m, H36M_TO_J14 vs S through J24_TO_J14") for k in (1, 2)),
     Protocol("mpi-inf-3dhp", "h36m17", "joints3d", True, "",
              "SPIN's MPI-INF-3DHP: J_regressor_h36m, H36M_TO_J17 vs S through J24_TO_J17; PCK/AUC at 150 mm"),
     Protocol("3dpw", "h36m14", "mesh", False, "",
@@ -95,9 +84,17 @@ def protocol_for_dataset(dataset: str | None) -> str:
     return DATASET_PROTOCOLS.get(stem, DEFAULT_PROTOCOL)
 
 
-def regress_h36m(vertices: torch.Tensor, regressor: torch.Tensor) -> torch.Tensor:
-    """(B, V, 3) meshes, (17, V) J_regressor_h36m -> (B, 17, 3) H36M joints."""
-    return torch.einsum("jv,bvc->bjc", regressor.to(vertices.dtype), vertices)
+def row_protocols(table: pa.Table) -> list[str]:
+    """The protocol of every row of a samples table: its `protocol` column where set (ingest records
+    it), else its dataset's. BadInput for a protocol this project does not know."""
+    n = len(table)
+    recorded = table.column("protocol").to_pylist() if "protocol" in table.column_names else [None] * n
+    datasets = table.column("dataset").to_pylist() if "dataset" in table.column_names else [None] * n
+    names = [p if p else protocol_for_dataset(d) for p, d in zip(recorded, datasets)]
+    unknown = sorted(set(names) - set(PROTOCOLS))
+    if unknown:
+        raise BadInput(f"unknown evaluation protocol {unknown[0]!r} (known: {', '.join(PROTOCOLS)})")
+    return names
 
 
 def h36m_eval_joints(h36m: torch.Tensor, joints: str) -> torch.Tensor:

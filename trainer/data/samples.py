@@ -141,6 +141,39 @@ def crop_square(
     return crop, transform
 
 
+def spin_box(center: np.ndarray, scale: float, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """SPIN's integer crop box (utils/imutils.py `crop` and `uncrop`): the corners of the `res`-pixel
+    crop mapped back into the image through SPIN's `transform` (inverted affine, 1-based, truncated
+    toward zero). Returns ul, br (2,) int: the box is [ul, br) in x and y."""
+    h = 200.0 * float(scale)
+    t = np.array([[res / h, 0.0, res * (-float(center[0]) / h + 0.5)],
+                  [0.0, res / h, res * (-float(center[1]) / h + 0.5)],
+                  [0.0, 0.0, 1.0]])
+    inverse = np.linalg.inv(t)
+    corners = [(inverse @ np.array([p - 1.0, p - 1.0, 1.0]))[:2].astype(int) + 1 - 1 for p in (1, res + 1)]
+    return corners[0], corners[1]
+
+
+def uncrop_labels(labels: np.ndarray, center: np.ndarray, scale: float, image_shape: tuple[int, int]) -> np.ndarray:
+    """A square (res, res) uint8 label map of the crop -> (H, W) of the original image, as SPIN's
+    `uncrop` puts a rendered LSP mask back: resized with nearest neighbours (PIL's, which
+    `scipy.misc.imresize` used) to SPIN's integer box, pasted where the box overlaps the image,
+    zero elsewhere."""
+    res = labels.shape[0]
+    ul, br = spin_box(center, scale, res)
+    H, W = int(image_shape[0]), int(image_shape[1])
+    out = np.zeros((H, W), np.uint8)
+    if br[0] <= ul[0] or br[1] <= ul[1]:
+        return out
+    resized = cv2.resize(np.ascontiguousarray(labels, np.uint8), (int(br[0] - ul[0]), int(br[1] - ul[1])),
+                         interpolation=cv2.INTER_NEAREST_EXACT)
+    x0, x1 = max(0, ul[0]), min(W, br[0])
+    y0, y1 = max(0, ul[1]), min(H, br[1])
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = resized[y0 - ul[1]:y1 - ul[1], x0 - ul[0]:x1 - ul[0]]
+    return out
+
+
 def to_normalized(points_px: np.ndarray, size: int) -> np.ndarray:
     """(N, 2+) crop pixels -> SPIN's [-1, 1] crop coordinates (extra columns kept)."""
     out = np.array(points_px, dtype=np.float64)

@@ -41,7 +41,7 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("dataset", pa.string(), nullable=False),
     pa.field("imgname", pa.string()),        # the image as its source names it (relative to its root)
     pa.field("source_row", pa.int64()),      # the person's row in the source file (SPIN's row order)
-    pa.field("protocol", pa.string()),       # the evaluation protocol, recorded at ingest
+    pa.field("protocol", pa.string()),       # evaluation protocol (trainer.data.protocols); null: from the dataset
     pa.field("gender", pa.string()),         # 'm' / 'f' where the source says (3DPW), else null
     pa.field("image", pa.binary()),          # encoded square crop (JPEG/PNG); null when image_uri is set
     pa.field("image_uri", pa.string()),      # alternative to bytes
@@ -53,7 +53,7 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("betas", _fixed(10)),
     pa.field("joints3d", _fixed(24 * 4)),    # 24 ground-truth joints in metres + confidence
     pa.field("mask", pa.binary()),           # encoded PNG foreground mask (evaluation sets)
-    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation, 0 = background
+    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation (UP-3D's labels), 0 = background
 ])
 # Masks are of the stored crop, except for datasets whose protocol scores segmentation on the full
 # original image (SPIN's LSP): there they are the source's full-image PNGs, as they came.
