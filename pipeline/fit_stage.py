@@ -144,7 +144,7 @@ def fit_round(
     loaded: list[dict[str, Any]] = []
     if pending:
         loaded = _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress)
-    summary = summarize(out_dir, [storage.basename(p) for p in shards])
+    summary = summarize(out_dir, shards)
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
                    shards_fitted_now=len(pending), shards=len(shards), models=models, loaded=loaded)
     if pending and not is_verbose():

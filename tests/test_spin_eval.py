@@ -51,7 +51,7 @@ def spin(tmp_path_factory):
     for name, written in files.items():
         summary = ingest_spin_npz(written.path, images, root / "samples" / name, min_visible=0, workers=1, progress=False)
         assert summary["quarantined"] == 0 and summary["protocol"] == name
-        shards = sorted((root / "samples" / name).glob("part-*.parquet"))
+        shards = sorted((root / "samples" / name / summary["split"]).glob("*part-*.parquet"))
         tables[name] = pa.concat_tables([read_table(p, SAMPLES_SCHEMA) for p in shards])
     return {"data": data, "files": files, "models": models, "tables": tables}
 
