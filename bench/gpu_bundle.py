@@ -6,7 +6,9 @@ scikit-learn, click, PyYAML, ... but no Ray, smplx, roma or MLflow, and a call t
 carries at most 64 MiB (Ray's wheel alone is 79 MB). This script downloads the wheels pinned in
 bench/gpu_bundle.lock (CPython 3.12, manylinux x86-64), checks that they and the image together
 meet every run-time requirement, installs them into one site directory, drops the parts no run
-reads (STRIP), and writes .gpu/bundle.tar.xz with its manifest inside and beside it.
+reads (STRIP), and writes .gpu/bundle.tar.xz with its manifest inside and beside it. Only the
+bundle and its manifest go to .gpu/, the folder that travels (`carry: [".gpu"]`); the wheels and
+the unpacked site stay in .gpu-build/.
 
 The image's list gives few versions, so a bundled package may need a newer version of an image
 package than the image has (pydantic needs typing-extensions>=4.16, for one). For each image
@@ -15,7 +17,7 @@ travels in its own folder; the runner puts a fallback on the path only where the
 version falls short (gpu_smoke.py fallbacks), so the image's packages stay in charge elsewhere.
 
 Build, here, in the repo root (the project's venv active; needs pip and a package registry):
-    bench/gpu_bundle.sh               # .gpu/bundle.tar.xz from the lock (wheels cached in .gpu/wheels)
+    bench/gpu_bundle.sh               # .gpu/bundle.tar.xz from the lock (wheels cached in .gpu-build/)
     bench/gpu_bundle.sh --relock      # resolve bench/gpu_bundle.lock again from ROOTS first
 Run it there: bench/gpu_run.sh's header.
 """
@@ -45,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "bench" / "gpu_bundle.lock"
 FALLBACK_LOCK = ROOT / "bench" / "gpu_fallback.lock"
 IMAGE = ROOT / "bench" / "gpu_image_packages.txt"
-BUILD = ROOT / ".gpu"
+OUT = ROOT / ".gpu"  # what travels to the device: the bundle and its manifest, nothing else
+BUILD = ROOT / ".gpu-build"  # downloaded wheels and the unpacked site
 MANIFEST = "BUNDLE_MANIFEST.txt"
 LIMIT_MB = 60.0
 
@@ -387,9 +390,10 @@ def build(args: argparse.Namespace) -> dict:
                 + "# fallbacks (site-fallback/NAME, used only where the image's version falls short):\n"
                 + "".join(f"# {pin.name}=={pin.version}\n" for pin in sorted(fallbacks.values(), key=lambda p: p.name)))
     (site / MANIFEST).write_text(manifest)
-    out = args.build / "bundle.tar.xz"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "bundle.tar.xz"
     seconds = pack(args.build, [site.name, fallback_root.name], out, args.level)
-    (args.build / "bundle.manifest.txt").write_text(manifest)
+    (args.out / "bundle.manifest.txt").write_text(manifest)
     largest = sorted(((tree_bytes(p), p.name) for p in site.iterdir()), reverse=True)[:12]
     report = {
         "bundle": str(out), "bundle_mb": mb(out.stat().st_size), "limit_mb": LIMIT_MB, "xz_level": args.level,
@@ -410,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lock", type=Path, default=LOCK)
     parser.add_argument("--fallback-lock", type=Path, default=FALLBACK_LOCK)
     parser.add_argument("--image", type=Path, default=IMAGE)
-    parser.add_argument("--build", type=Path, default=BUILD, help="build folder (git-ignored)")
+    parser.add_argument("--build", type=Path, default=BUILD, help="folder for wheels and the site (git-ignored)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for the bundle and its manifest (git-ignored)")
     parser.add_argument("--level", type=int, default=9, choices=range(10), help="xz preset (9: smallest, slowest)")
     args = parser.parse_args(argv)
     try:
