@@ -327,6 +327,7 @@ class Smplify:
         self.scorer = KeypointBody(model)
         self.body = self.scorer if self.config.forward == "keypoints" else MeshKeypoints(model)
         self.jacobian = body_jacobian(self.scorer) if self.config.forward == "keypoints" else None
+        self.stand_in = stand_in_sample(self.config, self.device)
         self.graphs = FitGraphs(self.fit_screened, self.device) if self.mode == "graph" else None
         self.on_cpu: Smplify | None = None   # made for the first small batch routed to the CPU
 
@@ -335,7 +336,7 @@ class Smplify:
             return self._fit_on_cpu(keypoints_px, init)
         inputs, reasons = self.screen(keypoints_px, init)
         if self.graphs is not None:
-            out = self.graphs(inputs, stand_in_sample(self.config, self.device))
+            out = self.graphs(inputs, self.stand_in)
         else:
             out = self.fit_screened(inputs)
         return FitResult(**out, reasons=reasons, mode=self.mode, device=self.device.type)
@@ -366,7 +367,7 @@ class Smplify:
         bad, reasons = _screen(kp_in, init)
         # Unfittable samples get harmless stand-ins (no keypoints, a neutral start) so that they
         # cannot spread NaNs; their energy is weighted out and their result marked invalid.
-        stand_in = stand_in_sample(config, device)
+        stand_in = self.stand_in
         inputs = {
             "keypoints": torch.where(bad[:, None, None], stand_in["keypoints"], kp_in),
             "global_orient": torch.where(bad[:, None], stand_in["global_orient"], init.pose[:, :3]),
