@@ -149,7 +149,7 @@ def warm_up(name: str, fitter: Smplify, people: dict, batch: int, device) -> flo
         return time.perf_counter() - start
     short = fitter.config.to_dict()
     short["stages"] = [{**stage, "iterations": 2} for stage in short["stages"]]
-    Smplify(fitter.model, fitter.prior, SmplifyConfig.from_dict(short))(kp)
+    Smplify(fitter.model, fitter.prior, SmplifyConfig.from_dict(short), reuse=False)(kp)
     return None
 
 

@@ -21,5 +21,5 @@ def constant(values: Sequence[float], like: torch.Tensor, dtype: torch.dtype | N
     """(len(values),) tensor of `values` on like's device (with like's dtype by default), written by fills."""
     out = like.new_empty(len(values), dtype=dtype)
     for i, value in enumerate(values):
-        out[i] = value
+        out[i].fill_(value)   # not out[i] = value: that copies a one-element tensor from the host
     return out

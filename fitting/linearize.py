@@ -166,6 +166,6 @@ def camera_system(body: KeypointBody, keypoints: torch.Tensor, cam_t_init: torch
         jac = torso.reshape(count, width, -1).mT                                   # (R, 8, n)
         depth = torch.zeros(count, 1, width, dtype=jac.dtype, device=jac.device)
         if "cam_t" in offsets:
-            depth[..., offsets["cam_t"] + 2] = depth_weight
+            depth[..., offsets["cam_t"] + 2].fill_(depth_weight)
         return _normal(torch.cat([jac, depth], dim=1), res)
     return system

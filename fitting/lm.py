@@ -101,6 +101,19 @@ def judge_step(before: torch.Tensor, trial: torch.Tensor, predicted: torch.Tenso
     return accept, damping, growth, done
 
 
+def _start(x0: torch.Tensor, energy: Energy, active: torch.Tensor, settings: LMSettings) -> tuple[torch.Tensor, ...]:
+    """Both loops' state before the first step: x, its energy, running, lambda, lambda's growth
+    factor, stale (needs a new system), J^T r, J^T J, iterations."""
+    batch, device = x0.shape[0], x0.device
+    x = x0.detach().clone()
+    current = energy(x, None)
+    running = active & torch.isfinite(current)
+    damping = torch.full((batch,), settings.damping, dtype=x.dtype, device=device)
+    return (x, current, running, damping, torch.full_like(damping, 2.0), running.clone(),
+            x.new_zeros(batch, x.shape[1]), x.new_zeros(batch, x.shape[1], x.shape[1]),
+            torch.zeros(batch, dtype=torch.long, device=device))
+
+
 def _step(x: torch.Tensor, step: torch.Tensor, retract: Retract | None) -> torch.Tensor:
     return x + step if retract is None else retract(x, step)
 
@@ -115,17 +128,8 @@ def levenberg_marquardt(x0: torch.Tensor, energy: Energy, linearize: Linearize, 
     evaluate the samples `rows` (a sorted long index; None: all B) at x_rows (R, n);
     retract(x, step) -> the point a step leads to (default x + step, for unknowns with a curved
     chart). Inactive samples keep x0 and take no iterations. x0 is not modified."""
-    settings = settings or LMSettings()
-    batch, device = x0.shape[0], x0.device
-    x = x0.detach().clone()
-    current = energy(x, None)
-    running = active & torch.isfinite(current)
-    damping = torch.full((batch,), settings.damping, dtype=x.dtype, device=device)
-    growth = torch.full_like(damping, 2.0)
-    stale = running.clone()
-    gradient = x.new_zeros(batch, x.shape[1])
-    hessian = x.new_zeros(batch, x.shape[1], x.shape[1])
-    iterations = torch.zeros(batch, dtype=torch.long, device=device)
+    settings, batch = settings or LMSettings(), x0.shape[0]
+    x, current, running, damping, growth, stale, gradient, hessian, iterations = _start(x0, energy, active, settings)
     for _ in range(max_iterations):
         rows = torch.nonzero(running).flatten()
         if rows.numel() == 0:
@@ -163,16 +167,7 @@ def levenberg_marquardt_static(x0: torch.Tensor, energy: Energy, linearize: Line
     state is kept by masks; a sample whose last step was rejected keeps its old system. No
     value is read back to the host and no shape depends on the data."""
     settings = settings or LMSettings()
-    batch, device = x0.shape[0], x0.device
-    x = x0.detach().clone()
-    current = energy(x, None)
-    running = active & torch.isfinite(current)
-    damping = torch.full((batch,), settings.damping, dtype=x.dtype, device=device)
-    growth = torch.full_like(damping, 2.0)
-    stale = running.clone()
-    gradient = x.new_zeros(batch, x.shape[1])
-    hessian = x.new_zeros(batch, x.shape[1], x.shape[1])
-    iterations = torch.zeros(batch, dtype=torch.long, device=device)
+    x, current, running, damping, growth, stale, gradient, hessian, iterations = _start(x0, energy, active, settings)
     for _ in range(max_iterations):
         fresh = stale & running
         new_gradient, new_hessian = linearize(x, None)

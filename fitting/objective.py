@@ -29,7 +29,7 @@ def fit_confidence(confidence: torch.Tensor) -> torch.Tensor:
     """(B, 49) keypoint confidence -> a new (B, 49) with SPIN's FIT_IGNORED keypoints at 0."""
     keep = torch.ones(NUM_KEYPOINTS, dtype=confidence.dtype, device=confidence.device)
     for k in FIT_IGNORED:
-        keep[k] = 0.0  # fills: an index list would be copied to the device
+        keep[k].fill_(0.0)  # an index list, or keep[k] = 0.0, would be copied from the host
     return confidence * keep
 
 

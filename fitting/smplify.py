@@ -114,7 +114,8 @@ class SmplifyConfig:
     # from later steps, which saves a CPU their work; 'static' evaluates every sample at every step
     # with fixed shapes and no host synchronisation; 'graph' records the static fit once per batch
     # size as a CUDA graph and replays it. 'auto': 'dynamic' on a CPU; on a GPU 'graph' where the
-    # fit can be recorded (every stage 'lm', forward 'keypoints'), else 'static'.
+    # fit can be recorded (every stage 'lm', forward 'keypoints') and replayed (a Smplify kept for
+    # many batches, not a one-off `fit`), else 'static'.
     mode: str = "auto"
     # On a GPU in mode 'auto', a batch of at most this many samples is fitted on the CPU (mode
     # 'dynamic'; FitResult.device says so): a GPU fit is thousands of small kernels, about as long
@@ -301,11 +302,13 @@ def _stage_system(stage: StageConfig, body: KeypointBody | MeshKeypoints, prior:
                        config.angle_prior_weight, config.shape_prior_weight, f, res, jacobian)
 
 
-def resolve_mode(config: SmplifyConfig, device: torch.device) -> str:
-    """config.mode with 'auto' resolved for `device`; BadInput where 'graph' cannot run."""
+def resolve_mode(config: SmplifyConfig, device: torch.device, reuse: bool = True) -> str:
+    """config.mode with 'auto' resolved for `device` and for a fitter used for one batch or
+    several (`reuse`: a graph recorded for a single fit costs more than it saves); BadInput where
+    'graph' cannot run."""
     capturable = config.forward == "keypoints" and all(stage.solver == "lm" for stage in config.stages)
     if config.mode == "auto":
-        return "dynamic" if device.type != "cuda" else "graph" if capturable else "static"
+        return "dynamic" if device.type != "cuda" else "graph" if capturable and reuse else "static"
     if config.mode == "graph" and (device.type != "cuda" or not capturable):
         raise BadInput("smplify: mode 'graph' needs a CUDA device, forward 'keypoints' and every stage solved by "
                        f"'lm' (device {device}, forward {config.forward!r}, solvers "
@@ -316,14 +319,15 @@ def resolve_mode(config: SmplifyConfig, device: torch.device) -> str:
 class Smplify:
     """Fits with one body model, prior and configuration: `Smplify(model, prior, config)(keypoints_px,
     init)` -> FitResult, as `fit`. It keeps what the fits of many batches share: the keypoint body,
-    its Jacobian and, in mode 'graph', the recorded CUDA graphs (see fitting.fit_graph)."""
+    its Jacobian and, in mode 'graph', the recorded CUDA graphs (see fitting.fit_graph). `reuse`
+    False (one batch only) makes mode 'auto' fit without recording a graph."""
 
-    def __init__(self, model: BodyModel, prior: GMMPrior, config: SmplifyConfig | None = None):
+    def __init__(self, model: BodyModel, prior: GMMPrior, config: SmplifyConfig | None = None, reuse: bool = True):
         self.config = config or SmplifyConfig()
         self.model = model
         self.device = _device(model)
         self.prior = prior if prior.means.device == self.device else copy.deepcopy(prior).to(self.device)
-        self.mode = resolve_mode(self.config, self.device)
+        self.mode = resolve_mode(self.config, self.device, reuse)
         self.scorer = KeypointBody(model)
         self.body = self.scorer if self.config.forward == "keypoints" else MeshKeypoints(model)
         self.jacobian = body_jacobian(self.scorer) if self.config.forward == "keypoints" else None
@@ -424,6 +428,6 @@ def fit(model: BodyModel, prior: GMMPrior, keypoints_px: torch.Tensor, init: Fit
 
     init None starts from `default_mean_pose(prior)` and zero betas with the camera guessed from
     the keypoints. Runs on the model's device; the inputs are never modified. A caller that fits
-    many batches keeps a `Smplify` instead, which builds what the fits share (in mode 'graph' on
-    a GPU, a CUDA graph per batch size) once."""
-    return Smplify(model, prior, config)(keypoints_px, init)
+    many batches keeps a `Smplify` instead, which builds what the fits share once and, on a GPU,
+    replays a recorded CUDA graph per batch size (a one-off fit in mode 'auto' is not recorded)."""
+    return Smplify(model, prior, config, reuse=False)(keypoints_px, init)

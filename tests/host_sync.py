@@ -19,9 +19,10 @@ aten = torch.ops.aten
 READ_BACK = {aten.nonzero, aten._local_scalar_dense, aten.masked_select, aten._unique2, aten.unique_dim,
              aten.unique_consecutive, aten.equal, aten._linalg_check_errors, aten.nonzero_numpy}
 INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
-# A tensor made from a Python number may be the value of an index assignment (t[i] = 0.0): on a
-# GPU that is made there. Any other use of one is a copy from the host.
-WRITES = {aten.copy_, aten.fill_}
+# A tensor made from a Python number may fill a slice (t[:, i] = 0.0: on a GPU its value is read
+# on the host and passed to the kernel). Any other use of one, t[i] = 0.0 included (a copy of one
+# element), is a copy from the host.
+FILLS = {aten.fill_.Tensor}
 
 
 class HostSync(AssertionError):
@@ -59,7 +60,7 @@ class NoHostSync(TorchDispatchMode):
         if packet in INDEXING and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:]):
             raise HostSync(f"{func} with a boolean mask reads the count of its selection back to the host")
         lifted = [t for t in tensors if self.fresh.get(id(t)) is t]
-        if lifted and not (packet in WRITES and len(args) > 1 and args[1] is lifted[0] and len(lifted) == 1):
+        if lifted and not (func in FILLS and args[1] is lifted[0] and len(lifted) == 1):
             raise HostSync(f"{func} uses a tensor made from Python data: a copy from the host")
         out = func(*args, **kwargs)
         if func is aten.lift_fresh.default:

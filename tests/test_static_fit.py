@@ -10,30 +10,11 @@ from fitting.body_model import load_body_model
 from fitting.errors import BadInput
 from fitting.fit_graph import padded_size
 from fitting.lm import LMSettings, levenberg_marquardt, levenberg_marquardt_static
-from fitting.priors import load_prior
 from fitting.smplify import FitInit, Smplify, SmplifyConfig, fit, resolve_mode
 from tests.host_sync import HostSync, NoHostSync
-from tests.test_fast_smplify import people
+from tests.test_fast_smplify import human, one_thread, people, prior  # noqa: F401 - fixtures
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def human():
-    return load_body_model()
-
-
-@pytest.fixture(scope="module")
-def prior():
-    return load_prior()
 
 
 def troubled_batch(model, n: int = 10, seed: int = 6):
@@ -104,6 +85,25 @@ def test_static_lm_steps_like_the_dynamic_one_and_freezes_what_stops():
     assert torch.isnan(static.x[5]).all() and static.x[4].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("operation, waits", [
+    (lambda x: x.sum().item(), True), (lambda x: bool(x.sum() > 0), True), (lambda x: torch.nonzero(x), True),
+    (lambda x: x[x > 0], True), (lambda x: x[[0, 2]], True), (lambda x: x * torch.tensor([1.0] * 5), True),
+    (lambda x: x * torch.as_tensor(2.0), True), (lambda x: x.tolist(), True), (lambda x: x.clone().__setitem__(0, 1.0), True),
+    (lambda x: torch.linalg.cholesky(torch.eye(3)), True), (lambda x: x.repeat_interleave(torch.tensor(2)), True),
+    (lambda x: x.clone()[None].__setitem__((slice(None), 0), 1.0), False), (lambda x: x.clone()[0].fill_(1.0), False),
+    (lambda x: torch.where(x > 0, x, 0.0), False), (lambda x: x.index_select(0, torch.arange(3)), False),
+    (lambda x: torch.linalg.cholesky_ex(torch.eye(3)), False),
+])
+def test_the_guard_stops_what_a_gpu_would_wait_for(operation, waits):
+    x = torch.randn(5)
+    if waits:
+        with pytest.raises(HostSync), NoHostSync():
+            operation(x)
+    else:
+        with NoHostSync():
+            operation(x)
+
+
 def test_the_static_fit_reads_nothing_back_to_the_host(human, prior):
     kp, init = troubled_batch(human, n=4)
     smplify = Smplify(human, prior, SmplifyConfig(mode="static"))
@@ -121,7 +121,7 @@ def test_the_mode_is_a_setting_resolved_per_device_and_recorded(human, prior):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     adam = SmplifyConfig.from_dict({"stages": [{"name": "body", "solver": "adam"}]})
     assert resolve_mode(SmplifyConfig(), cpu) == "dynamic"
-    assert resolve_mode(SmplifyConfig(), gpu) == "graph"
+    assert resolve_mode(SmplifyConfig(), gpu) == "graph" and resolve_mode(SmplifyConfig(), gpu, reuse=False) == "static"
     assert resolve_mode(adam, gpu) == resolve_mode(SmplifyConfig(forward="mesh"), gpu) == "static"
     assert resolve_mode(SmplifyConfig(mode="static"), cpu) == "static"
     for config, device in ((SmplifyConfig(mode="graph"), cpu), (SmplifyConfig(mode="graph", forward="mesh"), gpu)):
