@@ -433,7 +433,7 @@ def main() -> None:
         report.update(results(rows, cpu_rows, quality_rows, errors, skipped, fitters))
         write(report, args.out)
 
-    report["near_truth_vs_adam_run_longer"] = (converged_adam(model, prior, people, args.converged_batch, device)
+    report["near_truth_vs_adam_run_longer"] = (converged_adam(model, prior, people, args.converged_batch, 10, device)
                                                if args.converged_batch else None)
     report["keypoint_forward"] = [time_forward(model, b, 10, device) for b in sizes(args.forward_batches)]
     report["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
