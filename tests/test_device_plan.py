@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,12 @@ def test_an_actor_that_finds_no_cuda_device_fails_the_round_in_one_line(tiny_ben
     assert last.startswith("error: a fit actor planned for a GPU sees none: torch.cuda.is_available() is false"), last
     assert "Ray's GPU ids ['0']" in last
     assert not rundir.is_done(run, 0, "fits")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_the_gpu_fit_stage_benchmark_refuses_a_machine_without_one():
+    """bench/fit_stage.py --device cuda: one line and exit 2, before it makes any data."""
+    done = subprocess.run([sys.executable, "bench/fit_stage.py", "--device", "cuda", "--rows", "64"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "error: --device cuda: no CUDA device is visible to torch"
