@@ -32,6 +32,15 @@ def test_the_lock_covers_every_import_that_the_image_lacks():
     assert gpu_bundle.uncovered_imports(bundled, image) == []
 
 
+def test_the_scan_covers_every_script_and_test_that_the_gpu_steps_run():
+    import re
+
+    steps = "".join((ROOT / "bench" / name).read_text() for name in ("gpu_steps_full.txt", "gpu_smplify_check.sh"))
+    run = set(re.findall(r"(?:bench|tests)/\w+\.py", steps))
+    assert run and run <= set(gpu_bundle.GPU_SCRIPTS) and all((ROOT / s).is_file() for s in gpu_bundle.GPU_SCRIPTS)
+    assert gpu_bundle.imported_modules()["pytest"].startswith("tests/")
+
+
 def test_the_check_catches_a_package_missing_from_the_lock():
     bundled, image = set(gpu_bundle.read_lock()) - {"roma"}, set(gpu_bundle.read_image())
     problems = gpu_bundle.uncovered_imports(bundled, image)
