@@ -87,13 +87,11 @@ class ShardFitter:
 
 
 def ray_worker() -> dict[str, Any]:
-    """This Ray actor's id and the GPUs Ray gave it ({} outside a Ray worker)."""
+    """This Ray actor's id and the GPUs Ray gave it ({} outside an actor, a Ray driver included)."""
     import ray
 
-    if not ray.is_initialized():
-        return {}
-    context = ray.get_runtime_context()
-    return {"actor": context.get_actor_id() or "", "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    return {"actor": actor, "gpu_ids": [str(i) for i in ray.get_gpu_ids()]} if actor else {}
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,10 @@ def test_an_actor_planned_for_a_gpu_that_sees_none_refuses_to_start(tmp_path):
 
 
 def test_an_in_process_fitter_reports_its_device(tmp_path):
+    """Also beside a running Ray (as in a driver): only an actor reports an actor id."""
+    from pipeline.ray_session import ensure_ray
+
+    ensure_ray(None, progress=False)
     fitter = ShardFitter(make_spec(tmp_path / "run", 0, RunConfig(), "cpu", 1))
     assert fitter.fitter.worker == '{"device": "cpu"}' and fitter.fitter.smplify.mode == "dynamic"
     assert isinstance(fitter.spec, FitterSpec)
