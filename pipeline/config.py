@@ -51,9 +51,9 @@ class FitStageConfig(Settings):
             raise BadInput(f"unknown solver '{self.solver}' (known: {', '.join(sorted(SOLVERS))})")
         if self.device not in FIT_DEVICES:
             raise BadInput(f"device must be one of {', '.join(FIT_DEVICES)}, got {self.device!r}")
-        for name in ("batch_size", "num_actors", "cpus_per_actor"):
-            if not getattr(self, name) >= (1 if name == "batch_size" else 0):
-                raise BadInput(f"{name} must be >= {1 if name == 'batch_size' else 0}, got {getattr(self, name)!r}")
+        for name, least in (("batch_size", 1), ("num_actors", 0), ("cpus_per_actor", 0)):
+            if not getattr(self, name) >= least:  # `not >=`: NaN fails too
+                raise BadInput(f"{name} must be >= {least}, got {getattr(self, name)!r}")
         share = self.gpus_per_actor
         if not (share == -1 or (math.isfinite(share) and share >= 0 and (share <= 1 or float(share).is_integer()))):
             raise BadInput(f"gpus_per_actor must be -1 (auto), a fraction in [0, 1] or a whole number, got {share!r}")
