@@ -57,6 +57,9 @@ LIMIT_MB = 60.0
 # the pipeline's default, needs SQLAlchemy and Alembic, which mlflow-skinny does not require.
 ROOTS = ("ray[data]", "smplx", "roma", "mlflow-skinny", "sqlalchemy", "alembic")
 CODE = ("fitting", "trainer", "pipeline")  # the project's packages, scanned for what they import
+# the scripts and tests that the GPU steps run beside them (bench/gpu_steps_full.txt, gpu_smplify_check.sh)
+GPU_SCRIPTS = ("bench/fit_stage.py", "bench/smplify.py", "bench/gpu_smoke.py", "tests/conftest.py",
+               "tests/host_sync.py", "tests/test_static_fit.py", "tests/test_fast_smplify.py")
 
 # The device's interpreter, for requirement markers and wheel tags.
 TARGET_ENV = {
@@ -244,9 +247,11 @@ def unmet(pins: dict[str, Pin], image: dict[str, str], fallbacks: dict[str, Pin]
 
 
 def imported_modules(root: Path = ROOT) -> dict[str, str]:
-    """Top-level module -> the first file (relative to `root`) of CODE that imports it absolutely."""
+    """Top-level module -> the first file (relative to `root`) of CODE or GPU_SCRIPTS that imports it
+    absolutely."""
     first: dict[str, str] = {}
-    for path in sorted(p for package in CODE for p in (root / package).rglob("*.py")):
+    scripts = [root / script for script in GPU_SCRIPTS if (root / script).is_file()]
+    for path in sorted(p for package in CODE for p in (root / package).rglob("*.py")) + scripts:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
@@ -276,7 +281,8 @@ def uncovered_imports(bundled: set[str], image: set[str], root: Path = ROOT) -> 
     problems = []
     for module, where in sorted(imported_modules(root).items()):
         names = {canonicalize_name(d) for d in distributions.get(module, [])}
-        if module in sys.stdlib_module_names or module in CODE or (names or {canonicalize_name(module)}) & optional:
+        local = module in ("bench", "tests") or (root / "bench" / f"{module}.py").is_file()  # bench/ on sys.path
+        if module in sys.stdlib_module_names or module in CODE or local or (names or {canonicalize_name(module)}) & optional:
             continue
         if not names:
             problems.append(f"{module} (imported by {where}) is not installed here, so its distribution is unknown")

@@ -37,8 +37,10 @@ def perspective_projection(
     if rotation is not None:
         points = torch.einsum("bij,bnj->bni", rotation, points)
     points = points + translation[:, None, :]
-    focal = torch.as_tensor(focal_length, dtype=points.dtype, device=points.device)
-    focal = focal.reshape(-1, 1, 1) if focal.ndim else focal
+    focal = focal_length  # a Python number stays one: as a tensor it would be copied to the device at every call
+    if torch.is_tensor(focal):
+        focal = focal.to(points.device, points.dtype)
+        focal = focal.reshape(-1, 1, 1) if focal.ndim else focal
     if camera_center is None:
         center = points.new_full((1, 1, 2), img_res / 2.0)
     else:

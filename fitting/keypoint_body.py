@@ -8,11 +8,30 @@ those vertices gives exactly the keypoints of `BodyModel.forward` at a fraction 
 from __future__ import annotations
 
 import torch
-from smplx.lbs import batch_rigid_transform, batch_rodrigues
+import torch.nn.functional as F
+from smplx.lbs import batch_rodrigues, transform_mat
 from torch import nn
 
 from fitting.body_model import NUM_JOINTS, BodyModel
+from fitting.capture_safe import take
 from fitting.keypoints import NUM_SOURCE_JOINTS
+
+
+def rigid_transforms(rot: torch.Tensor, joints: torch.Tensor,
+                     parents: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """smplx.lbs.batch_rigid_transform with the kinematic tree as Python ints: (B, J, 3, 3) local
+    rotations and (B, J, 3) rest joints -> ((B, J, 3) posed joints, (B, J, 4, 4) transforms
+    relative to the rest pose). smplx picks each parent's transform with a tensor element, which
+    on a GPU reads it back to the host: a synchronisation per joint, and no CUDA-graph capture."""
+    joints = joints[..., None]
+    relative = torch.cat([joints[:, :1], joints[:, 1:] - take(joints, parents[1:], 1)], dim=1)
+    local = transform_mat(rot.reshape(-1, 3, 3), relative.reshape(-1, 3, 1)).reshape(-1, joints.shape[1], 4, 4)
+    chain = [local[:, 0]]
+    for joint in range(1, len(parents)):
+        chain.append(chain[parents[joint]] @ local[:, joint])
+    transforms = torch.stack(chain, dim=1)
+    rest = F.pad(transforms @ F.pad(joints, [0, 0, 0, 1]), [3, 0, 0, 0, 0, 0, 0, 0])
+    return transforms[:, :, :3, 3], transforms - rest
 
 
 class KeypointBody(nn.Module):
@@ -42,6 +61,7 @@ class KeypointBody(nn.Module):
         self.register_buffer("posedirs", posedirs.reshape(posedirs.shape[0], -1))
         self.register_buffer("lbs_weights", smpl.lbs_weights[support])
         self.register_buffer("parents", smpl.parents.clone())
+        self.parent_list = tuple(int(p) for p in smpl.parents.tolist())
         self.register_buffer("vertex_rows", position[vertex_ids])
         self.register_buffer("extra", extra[:, support])
         self.register_buffer("keypoint_source", model.keypoint_source.clone())
@@ -58,7 +78,7 @@ class KeypointBody(nn.Module):
         eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
         pose_feature = (rot[:, 1:] - eye).reshape(batch, -1)
         posed = shaped + (pose_feature @ self.posedirs).reshape(batch, -1, 3)
-        posed_joints, transforms = batch_rigid_transform(rot, joints, self.parents, dtype=rot.dtype)
+        posed_joints, transforms = rigid_transforms(rot, joints, self.parent_list)
         # Only the 3x4 top of each 4x4 transform is blended: the last row is constant.
         top = transforms[:, :, :3, :].reshape(batch, NUM_JOINTS, 12)
         skin = torch.matmul(self.lbs_weights, top).reshape(batch, -1, 3, 4)

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from smplx.lbs import batch_rigid_transform, batch_rodrigues
+from smplx.lbs import batch_rodrigues
 from torch import nn
 
 from fitting.body_model import NUM_JOINTS
-from fitting.keypoint_body import KeypointBody
+from fitting.keypoint_body import KeypointBody, rigid_transforms
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:
@@ -144,6 +144,7 @@ class KeypointJacobian(nn.Module):
         slot_of[slot_key, slot_joint] = torch.arange(slot_key.numel(), device=device)
         self.num_keypoints = int(source.numel())
         self.register_buffer("parents", body.parents.clone())
+        self.parent_list = body.parent_list
         self.register_buffer("parent_index", body.parents.clamp_min(0))
         self.register_buffer("joint_template", body.joint_template)
         self.register_buffer("joint_shapedirs", body.joint_shapedirs)
@@ -180,7 +181,7 @@ class KeypointJacobian(nn.Module):
         batch, dtype, device = pose.shape[0], pose.dtype, pose.device
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(batch, NUM_JOINTS, 3, 3)
         rest_joints = self.joint_template + torch.einsum("bl,jcl->bjc", betas, self.joint_shapedirs)
-        joints, transforms = batch_rigid_transform(rot, rest_joints, self.parents, dtype=dtype)
+        joints, transforms = rigid_transforms(rot, rest_joints, self.parent_list)
         world = transforms[:, :, :3, :3]
         eye = torch.eye(3, dtype=dtype, device=device)
         parent_world = torch.cat([eye.expand(batch, 1, 3, 3), world[:, self.parent_index[1:]]], dim=1)

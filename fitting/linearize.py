@@ -15,16 +15,18 @@ import torch
 from smplx.lbs import batch_rodrigues
 
 from fitting.camera import pinhole
+from fitting.capture_safe import constant, take
 from fitting.keypoint_body import KeypointBody
 from fitting.keypoint_jacobian import KeypointJacobian, skew
 from fitting.keypoints import FIT_IGNORED, NUM_KEYPOINTS, NUM_SOURCE_JOINTS
 from fitting.objective import camera_residuals, torso_residuals
-from fitting.priors import ANGLE_PRIOR_INDICES, ANGLE_PRIOR_SIGNS, GMMPrior
+from fitting.priors import ANGLE_PRIOR_INDICES, ANGLE_PRIOR_SIGNS, GMMPrior, angle_prior_residuals
 
 Params = dict[str, torch.Tensor]
 System = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 WIDTHS = {"global_orient": 3, "body_pose": 69, "betas": 10, "cam_t": 3}
 LOCAL_ROTATIONS = ("global_orient",)
+FITTED = tuple(k for k in range(NUM_KEYPOINTS) if k not in FIT_IGNORED)   # the body stage's keypoints
 
 
 def _pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -54,10 +56,12 @@ def _normal(jac: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _add_priors(gradient: torch.Tensor, hessian: torch.Tensor, params: Params, offsets: dict[str, int],
-               prior: GMMPrior, precisions: torch.Tensor, pose_weight: float, angle_weight: float,
-               shape_weight: float) -> None:
+               prior: GMMPrior, precisions: torch.Tensor, angle_columns: torch.Tensor, pose_weight: float,
+               angle_weight: float, shape_weight: float) -> None:
     """Add the body stage's prior terms to J^T r (R, n) and J^T J (R, n, n), in place (both are
-    this function's own fresh tensors). `precisions` (K, 69, 69): each component's F^T F."""
+    this function's own fresh tensors). `precisions` (K, 69, 69): each component's F^T F;
+    `angle_columns` (4,) long: the angle prior's columns in the system."""
+    diagonal = hessian.diagonal(dim1=-2, dim2=-1)
     if "body_pose" in offsets:
         at, pose = offsets["body_pose"], params["body_pose"]
         best = prior.component_energies(pose).argmin(dim=1)
@@ -65,29 +69,34 @@ def _add_priors(gradient: torch.Tensor, hessian: torch.Tensor, params: Params, o
         span = slice(at, at + pose.shape[1])
         hessian[:, span, span] += block
         gradient[:, span] += (block * (pose - prior.means.index_select(0, best))[:, None]).sum(-1)
-        index = torch.as_tensor(ANGLE_PRIOR_INDICES, device=pose.device)
-        signs = torch.as_tensor(ANGLE_PRIOR_SIGNS, dtype=pose.dtype, device=pose.device)
-        angle = angle_weight * torch.exp(pose[:, index] * signs)          # the residuals
-        columns = at + index
-        hessian[:, columns, columns] += angle.square()
-        gradient[:, columns] += signs * angle.square()
+        angle = (angle_weight * angle_prior_residuals(pose)).square()       # d r / d theta = sign * r
+        diagonal.index_add_(1, angle_columns, angle)
+        gradient.index_add_(1, angle_columns, angle * constant(ANGLE_PRIOR_SIGNS, angle))
     if "betas" in offsets:
         at, betas = offsets["betas"], params["betas"]
-        span = range(at, at + betas.shape[1])
-        hessian[:, span, span] += shape_weight ** 2
+        diagonal[:, at:at + betas.shape[1]] += shape_weight ** 2
         gradient[:, at:at + betas.shape[1]] += shape_weight ** 2 * betas
+
+
+def body_jacobian(body: KeypointBody) -> KeypointJacobian:
+    """The Jacobian of the keypoints that the body stage fits (all but FIT_IGNORED). It depends
+    on the body alone: a caller that fits many batches builds it once."""
+    return KeypointJacobian(body, FITTED)
 
 
 def body_system(body: KeypointBody, prior: GMMPrior, keypoints: torch.Tensor, confidence: torch.Tensor,
                 free: tuple[str, ...], sigma: float, pose_prior_weight: float, angle_prior_weight: float,
-                shape_prior_weight: float, focal_length: float, img_res: int) -> System:
+                shape_prior_weight: float, focal_length: float, img_res: int,
+                jacobian: KeypointJacobian | None = None) -> System:
     """The body stage's system (params, rows=None) -> (J^T r, J^T J) over `free`, for
-    (B, 49, 3) keypoints in pixels and (B, 49) fitting confidence (see body_residuals)."""
-    fitted = [k for k in range(NUM_KEYPOINTS) if k not in FIT_IGNORED]
-    jacobian = KeypointJacobian(body, fitted)
-    target, weight = keypoints[:, fitted, :2], confidence[:, fitted]
+    (B, 49, 3) keypoints in pixels and (B, 49) fitting confidence (see body_residuals);
+    `jacobian`: body_jacobian(body), built here when not given."""
+    jacobian = body_jacobian(body) if jacobian is None else jacobian
+    target, weight = take(keypoints, FITTED, 1)[..., :2], take(confidence, FITTED, 1)
     precisions = prior.factors.mT @ prior.factors
     offsets = _offsets(free)
+    at = offsets.get("body_pose", 0)
+    angle_columns = constant([at + i for i in ANGLE_PRIOR_INDICES], keypoints, torch.long)
 
     def system(params: Params, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pose = torch.cat([params["global_orient"], params["body_pose"]], dim=1)
@@ -108,8 +117,8 @@ def body_system(body: KeypointBody, prior: GMMPrior, keypoints: torch.Tensor, co
             blocks["betas"] = sum(rows_d[..., x, None] * lin.d_betas[:, :, None, x] for x in range(3))
         jac = torch.cat([blocks[name] for name in free], dim=-1).flatten(1, 2)
         gradient, hessian = _normal(jac, res.flatten(1))
-        _add_priors(gradient, hessian, params, offsets, prior, precisions, pose_prior_weight,
-                   angle_prior_weight, shape_prior_weight)
+        _add_priors(gradient, hessian, params, offsets, prior, precisions, angle_columns, pose_prior_weight,
+                    angle_prior_weight, shape_prior_weight)
         return gradient, hessian
     return system
 
@@ -153,10 +162,11 @@ def camera_system(body: KeypointBody, keypoints: torch.Tensor, cam_t_init: torch
         d_all = torch.cat(columns, dim=-1)                                         # (R, 49, 2, n)
         count = d_all.shape[0]
         folded = d_all.permute(0, 3, 1, 2).reshape(count * width, NUM_KEYPOINTS, 2)
-        torso = torso_residuals(folded, _pick(zeroed, rows).repeat_interleave(width, dim=0))
+        repeated = _pick(zeroed, rows)[:, None].expand(-1, width, -1, -1).flatten(0, 1)   # each sample's, n times
+        torso = torso_residuals(folded, repeated)
         jac = torso.reshape(count, width, -1).mT                                   # (R, 8, n)
         depth = torch.zeros(count, 1, width, dtype=jac.dtype, device=jac.device)
         if "cam_t" in offsets:
-            depth[..., offsets["cam_t"] + 2] = depth_weight
+            depth[..., offsets["cam_t"] + 2].fill_(depth_weight)
         return _normal(torch.cat([jac, depth], dim=1), res)
     return system

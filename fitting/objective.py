@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fitting.camera import perspective_projection
+from fitting.capture_safe import take
 from fitting.keypoints import FIT_IGNORED, GT_TORSO, NUM_KEYPOINTS, OP_TORSO
 from fitting.priors import GMMPrior, angle_prior, angle_prior_residuals, shape_prior
 
@@ -27,7 +28,8 @@ def gmof_residual(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def fit_confidence(confidence: torch.Tensor) -> torch.Tensor:
     """(B, 49) keypoint confidence -> a new (B, 49) with SPIN's FIT_IGNORED keypoints at 0."""
     keep = torch.ones(NUM_KEYPOINTS, dtype=confidence.dtype, device=confidence.device)
-    keep[list(FIT_IGNORED)] = 0.0
+    for k in FIT_IGNORED:
+        keep[k].fill_(0.0)  # an index list, or keep[k] = 0.0, would be copied from the host
     return confidence * keep
 
 
@@ -50,10 +52,10 @@ def torso_residuals(projected: torch.Tensor, keypoints: torch.Tensor) -> torch.T
     OpenPose's hips and shoulders where all four are detected, otherwise the ground-truth
     convention's; a ground-truth torso joint that is not detected (conf 0) is left out rather
     than pulled towards its placeholder coordinates."""
-    op, gt = list(OP_TORSO), list(GT_TORSO)
-    use_op = (keypoints[:, op, 2] > 0).all(dim=1)[:, None, None]
-    diff_op = projected[:, op] - keypoints[:, op, :2]
-    diff_gt = (projected[:, gt] - keypoints[:, gt, :2]) * (keypoints[:, gt, 2:] > 0)
+    op, gt = take(keypoints, OP_TORSO, 1), take(keypoints, GT_TORSO, 1)
+    use_op = (op[..., 2] > 0).all(dim=1)[:, None, None]
+    diff_op = take(projected, OP_TORSO, 1) - op[..., :2]
+    diff_gt = (take(projected, GT_TORSO, 1) - gt[..., :2]) * (gt[..., 2:] > 0)
     return torch.where(use_op, diff_op, diff_gt)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fitting.capture_safe import constant, take
 from fitting.errors import BadInput
 from fitting.identity import check_identity, file_identity
 
@@ -33,9 +34,7 @@ def builtin_prior_path() -> Path:
 
 def angle_prior_residuals(body_pose: torch.Tensor) -> torch.Tensor:
     """(B, 69) body pose -> (B, 4) exp(sign * angle); the angle prior is their squared sum."""
-    index = torch.as_tensor(ANGLE_PRIOR_INDICES, device=body_pose.device)
-    signs = torch.as_tensor(ANGLE_PRIOR_SIGNS, dtype=body_pose.dtype, device=body_pose.device)
-    return torch.exp(body_pose[:, index] * signs)
+    return torch.exp(take(body_pose, ANGLE_PRIOR_INDICES, 1) * constant(ANGLE_PRIOR_SIGNS, body_pose))
 
 
 def angle_prior(body_pose: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import roma
 import torch
 
 from fitting.errors import BadInput
-from fitting.lm import LMSettings, levenberg_marquardt
+from fitting.lm import LMSettings, levenberg_marquardt, levenberg_marquardt_static
 from fitting.stages import StageConfig
 
 Params = dict[str, torch.Tensor]
@@ -33,13 +33,17 @@ class StageProblem:
     linearize(params, rows=None) -> (J^T r (R, n), J^T J (R, n, n)), optional: the Gauss-Newton
     system of the same residuals over the free parameters, concatenated in `free` order; for
     the axis-angle parameters named in `local_rotations` (each (B, 3k)) its columns are rotation
-    increments d on the left, so a step updates them as exp([d]) exp([theta])."""
+    increments d on the left, so a step updates them as exp([d]) exp([theta]).
+
+    fixed_shapes: a solver evaluates every sample at every step (stopped ones frozen by masks)
+    and never reads a value back to the host, as a GPU and its CUDA graphs need."""
     params: Params                                # every parameter's start value, (B, k) each
     free: tuple[str, ...]                         # the parameters this stage changes
     residuals: Callable[..., torch.Tensor]
     active: torch.Tensor                          # (B,) bool; inactive samples are left as they are
     linearize: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     local_rotations: tuple[str, ...] = ()
+    fixed_shapes: bool = False
 
     def energy(self, params: Params, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(R,) per-sample energy."""
@@ -135,8 +139,8 @@ def autodiff_linearize(problem: StageProblem) -> Callable[..., tuple[torch.Tenso
 
 def lm(problem: StageProblem, stage: StageConfig) -> StageResult:
     """Levenberg-Marquardt on the stage's residuals, at most `stage.iterations` (and the option
-    max_iterations) steps per sample, each sample stopping on its own (see fitting.lm). Options:
-    the fields of LMSettings; `lr` is not used."""
+    max_iterations) steps per sample, each sample stopping on its own (see fitting.lm; with the
+    problem's fixed_shapes, the static loop). Options: the fields of LMSettings; `lr` is not used."""
     settings = LMSettings.from_options(stage.options)
     if not problem.free:
         with torch.no_grad():
@@ -144,17 +148,11 @@ def lm(problem: StageProblem, stage: StageConfig) -> StageResult:
         return StageResult(dict(problem.params), energy, torch.zeros_like(energy, dtype=torch.long))
     linearize = problem.linearize or autodiff_linearize(problem)
     start = torch.cat([problem.params[k].detach() for k in problem.free], dim=1)
-    batch = start.shape[0]
 
-    def rows_or_all(rows: torch.Tensor) -> torch.Tensor | None:
-        return None if rows.numel() == batch else rows   # rows are sorted: all of them is arange
-
-    def energy(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows_or_all(rows)
+    def energy(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         return problem.energy(_split(problem, x, rows), rows)
 
-    def gauss_newton(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = rows_or_all(rows)
+    def gauss_newton(x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return linearize(_split(problem, x, rows), rows)
 
     local = [] if problem.linearize is None else [k for k in problem.free if k in problem.local_rotations]
@@ -173,8 +171,8 @@ def lm(problem: StageProblem, stage: StageConfig) -> StageResult:
         return out
 
     steps = int(min(stage.iterations, settings.max_iterations))
-    result = levenberg_marquardt(start, energy, gauss_newton, problem.active, steps, settings,
-                                 retract if spans else None)
+    solve = levenberg_marquardt_static if problem.fixed_shapes else levenberg_marquardt
+    result = solve(start, energy, gauss_newton, problem.active, steps, settings, retract if spans else None)
     return StageResult({k: v.detach() for k, v in _split(problem, result.x, None).items()},
                        result.energy, result.iterations)
 

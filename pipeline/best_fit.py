@@ -15,13 +15,21 @@ import pyarrow as pa
 import torch
 
 from fitting.camera import IMG_RES, estimate_translation, normalized_to_pixels
-from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
+from fitting.smplify import FitInit, Smplify, SmplifyConfig, mean_init, score
 from pipeline import rundir
 from pipeline.config import load_run_body_model, load_run_prior
 from trainer.data import storage
 from trainer.data.tables import FITS_SCHEMA, fits_columns, make_table, read_table, to_numpy
 from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-from trainer.train import load_regressor, predict
+from trainer.train import load_regressor, predict, resolve_device
+
+
+def device_report(device: torch.device) -> dict[str, str]:
+    """Where a fitter runs: 'cpu', or the CUDA device torch uses with its name."""
+    if device.type != "cuda":
+        return {"device": "cpu"}
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return {"device": f"cuda:{index}", "device_name": torch.cuda.get_device_name(index)}
 
 
 def keep_new(new_loss: np.ndarray, old_loss: np.ndarray) -> np.ndarray:
@@ -53,14 +61,20 @@ def gather_previous(sample_ids: list[str], shards: list[str], lookup) -> tuple[n
 
 
 class BatchFitter:
-    def __init__(self, spec):
+    """Fits batches with one `Smplify`, kept for all of them (on a GPU its recorded CUDA graphs are
+    replayed batch after batch). `worker` says who fits (a Ray actor adds its id); it and the
+    models loaded travel with every row, so that the round records where each fit was made."""
+
+    def __init__(self, spec, worker: dict[str, Any] | None = None):
         self.spec = spec
-        self.device = torch.device(spec.device)
+        self.device = resolve_device(spec.device)   # 'cuda' without one is an error, never the CPU
         self.model = load_run_body_model(spec.models, self.device)
         self.prior = load_run_prior(spec.models, self.device)
         # what this fitter loaded, reported with every row so that the round records it
         self.loaded = json.dumps({"body_model": self.model.identity, "prior": self.prior.identity}, sort_keys=True)
+        self.worker = json.dumps({**(worker or {}), **device_report(self.device)}, sort_keys=True)
         self.config = SmplifyConfig.from_dict(spec.smplify)
+        self.smplify = Smplify(self.model, self.prior, self.config)
         self.regressor = None
         if spec.checkpoint:
             # a checkpoint on an object store is read from a local copy, once per machine
@@ -101,7 +115,7 @@ class BatchFitter:
                 init_kind[~pred["ok"]] = "mean"
         else:
             init = self._mean_init(keypoints)
-        result = fit(self.model, self.prior, keypoints, init, self.config)
+        result = self.smplify(keypoints, init)
         pose, betas, cam_t = result.pose.cpu().numpy(), result.betas.cpu().numpy(), result.cam_t.cpu().numpy()
         loss, joint_loss = result.loss.cpu().numpy(), result.joint_loss.cpu().numpy()
         iterations = result.iterations.cpu().numpy()
@@ -122,14 +136,17 @@ class BatchFitter:
         reasons = [r if r else None for r in reasons]
         # a sample with no usable new fit keeps its old best fit when it has one
         reasons = [None if (r is not None and merged["kept_old"][i]) else r for i, r in enumerate(reasons)]
-        return self._with_row_notes(table, shards, reasons)
+        return self._with_row_notes(table, shards, reasons, f"{result.mode} on {result.device}")
 
-    def _with_row_notes(self, table: pa.Table, shards: list[str], reasons: list[str | None]) -> pa.Table:
-        """The fits rows plus what the driver needs beside them: shard, quarantine reason, models used."""
+    def _with_row_notes(self, table: pa.Table, shards: list[str], reasons: list[str | None], how: str) -> pa.Table:
+        """The fits rows plus what the driver needs beside them: shard, quarantine reason, models
+        used, the fitter and how SMPLify ran ('' where nothing was fitted)."""
         n = len(table)
         return (table.append_column("shard", pa.array(shards, pa.string()))
                 .append_column("reason", pa.array(reasons, pa.string()))
-                .append_column("models", pa.array([self.loaded] * n, pa.string())))
+                .append_column("models", pa.array([self.loaded] * n, pa.string()))
+                .append_column("worker", pa.array([self.worker] * n, pa.string()))
+                .append_column("fit_mode", pa.array([how] * n, pa.string())))
 
     def _mean_init(self, keypoints: torch.Tensor) -> FitInit:
         finite = torch.nan_to_num(keypoints, nan=0.0, posinf=0.0, neginf=0.0)  # screened by fit()
@@ -210,4 +227,4 @@ class BatchFitter:
         merged = self._merge_previous(columns, keypoints.to(self.device), shards)
         table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
         reasons = [None if kept else reason for kept in merged["kept_old"]]
-        return self._with_row_notes(table, shards, reasons)
+        return self._with_row_notes(table, shards, reasons, "")

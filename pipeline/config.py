@@ -27,20 +27,40 @@ from trainer.data.storage import Location
 from trainer.train_config import TrainConfig, train_config
 
 
+FIT_DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class FitStageConfig(Settings):
     SECTION = "config.fit"
 
     batch_size: int = 256          # samples per SMPLify batch inside an actor
-    num_actors: int = 0            # 0: one per core (or per GPU)
+    num_actors: int = 0            # 0: one per core, or as many as the GPUs hold at gpus_per_actor
     cpus_per_actor: float = 0.0    # 0: the machine's cores split over the actors
-    gpus_per_actor: float = -1.0   # -1: 1 when the cluster has GPUs, else 0
+    # GPUs per actor: -1 is 1 when the cluster has GPUs, else 0; a fraction shares a GPU between
+    # actors (0.25: four per GPU); more than 1 must be a whole number (Ray's rule)
+    gpus_per_actor: float = -1.0
+    # where actors fit: 'auto' on GPUs when the cluster has them (or gpus_per_actor asks for them),
+    # 'cuda' on GPUs or not at all, 'cpu' never on a GPU
+    device: str = "auto"
     solver: str = ""               # "" keeps the SMPLify default; "adam" is SPIN's own solver
     smplify: dict[str, Any] = field(default_factory=dict)  # SmplifyConfig overrides
 
     def __post_init__(self) -> None:
         if self.solver and self.solver not in SOLVERS:
             raise BadInput(f"unknown solver '{self.solver}' (known: {', '.join(sorted(SOLVERS))})")
+        if self.device not in FIT_DEVICES:
+            raise BadInput(f"device must be one of {', '.join(FIT_DEVICES)}, got {self.device!r}")
+        for name, least in (("batch_size", 1), ("num_actors", 0), ("cpus_per_actor", 0)):
+            if not getattr(self, name) >= least:  # `not >=`: NaN fails too
+                raise BadInput(f"{name} must be >= {least}, got {getattr(self, name)!r}")
+        share = self.gpus_per_actor
+        if not (share == -1 or (math.isfinite(share) and share >= 0 and (share <= 1 or float(share).is_integer()))):
+            raise BadInput(f"gpus_per_actor must be -1 (auto), a fraction in [0, 1] or a whole number, got {share!r}")
+        if self.device == "cpu" and share > 0:
+            raise BadInput(f"device 'cpu' with gpus_per_actor {share}: an actor that holds a GPU fits on it")
+        if self.device == "cuda" and share == 0:
+            raise BadInput("device 'cuda' with gpus_per_actor 0: an actor that fits on a GPU must hold one")
 
 
 @dataclass

@@ -14,12 +14,15 @@ prediction. Samples with ground truth take it as their fit, as SPIN does.
 from __future__ import annotations
 
 import json
+import math
 import os
+import platform
+import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import click
@@ -32,7 +35,7 @@ from fitting.errors import BadInput
 from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.best_fit import BatchFitter
-from pipeline.config import RunConfig, resolve_config, run_models
+from pipeline.config import FIT_DEVICES, FitStageConfig, RunConfig, resolve_config, run_models
 from pipeline.console import is_verbose, stderr_to
 from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
 from pipeline.report import step_line
@@ -60,12 +63,18 @@ class FitterSpec:
 
 class ShardFitter:
     """Ray Data actor: holds the body model, the prior and (round >= 1) the regressor; called with
-    rows of shard paths, it returns the fitted rows of those shards."""
+    rows of shard paths, it returns the fitted rows of those shards. An actor planned for a GPU
+    that sees none stops the round (BadInput); it never fits on the CPU instead."""
 
     def __init__(self, spec: FitterSpec):
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
-        self.fitter = BatchFitter(spec)
+        worker = ray_worker()
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BadInput(f"a fit actor planned for a GPU sees none: torch.cuda.is_available() is false on "
+                           f"{platform.node()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, "
+                           f"Ray's GPU ids {worker.get('gpu_ids')})")
+        self.fitter = BatchFitter(spec, worker)
 
     def __call__(self, shards: pa.Table) -> pa.Table:
         return pa.concat_tables([self.fit_shard(path) for path in shards.column("path").to_pylist()])
@@ -77,21 +86,66 @@ class ShardFitter:
         return pa.concat_tables([self.fitter.fit_table(rows.slice(start, size)) for start in range(0, len(rows), size)])
 
 
-def plan_resources(config: RunConfig) -> dict[str, float]:
-    """Actor count, CPUs and GPUs per actor for this cluster (fractions on small machines)."""
-    cpus, gpus = available_cpus(), available_gpus()
-    fit = config.fit
-    gpus_per_actor = fit.gpus_per_actor if fit.gpus_per_actor >= 0 else (1.0 if gpus >= 1 else 0.0)
+def ray_worker() -> dict[str, Any]:
+    """This Ray actor's id and the GPUs Ray gave it ({} outside an actor, a Ray driver included)."""
+    import ray
+
+    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    return {"actor": actor, "gpu_ids": [str(i) for i in ray.get_gpu_ids()]} if actor else {}
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """How a fit round uses the cluster: `actors` actors, each holding `cpus_per_actor` CPUs and
+    `gpus_per_actor` GPUs (a fraction: that many actors share a GPU) and fitting on `device`,
+    out of the CPUs and GPUs Ray had free."""
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    device: str
+    free_cpus: float
+    free_gpus: float
+
+    def line(self) -> str:
+        each = f"{self.cpus_per_actor:g} CPUs" + (f" and {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "")
+        return (f"{self.actors} actor{'s' if self.actors > 1 else ''} on {self.device}, {each} each "
+                f"(Ray had {self.free_cpus:g} CPUs and {self.free_gpus:g} GPUs free)")
+
+
+def plan_devices(fit: FitStageConfig, cpus: float, gpus: float) -> DevicePlan:
+    """The actors of a round for a cluster with `cpus` and `gpus` free. A round that asks for GPUs
+    (fit.device 'cuda' or gpus_per_actor > 0) gets them or fails here: Ray would otherwise wait
+    for them forever, and a fit never moves to the CPU on its own."""
+    wanted = fit.device == "cuda" or fit.gpus_per_actor > 0
+    if wanted and gpus <= 0:
+        why = "fit.device: cuda" if fit.device == "cuda" else f"fit.gpus_per_actor: {fit.gpus_per_actor:g}"
+        raise BadInput(f"the fit round asks for GPUs ({why}) but Ray has none free "
+                       f"(set fit.device: cpu to fit on the CPUs)")
+    if fit.device == "cpu":
+        share = 0.0
+    elif fit.gpus_per_actor >= 0:
+        share = float(fit.gpus_per_actor)
+    else:  # -1: a whole GPU per actor where there is one
+        share = min(1.0, gpus) if gpus > 0 else 0.0
+    if share > gpus:
+        raise BadInput(f"fit.gpus_per_actor {share:g} is more than the {gpus:g} GPUs Ray has free")
     if fit.num_actors > 0:
         actors = fit.num_actors
-    elif gpus_per_actor > 0:
-        actors = max(1, int(gpus // gpus_per_actor))
+    elif share > 0:
+        actors = max(1, math.floor(gpus / share + 1e-9))
     else:
         actors = max(1, int(cpus))
+    if share > 0 and actors * share > gpus + 1e-9:
+        raise BadInput(f"{actors} fit actors at {share:g} GPU each need {actors * share:g} GPUs, Ray has {gpus:g} free "
+                       f"(the pool would wait for them forever): fewer actors or a smaller fit.gpus_per_actor")
+    if fit.cpus_per_actor and actors * fit.cpus_per_actor > cpus + 1e-9:
+        raise BadInput(f"{actors} fit actors at {fit.cpus_per_actor:g} CPUs each need {actors * fit.cpus_per_actor:g} "
+                       f"CPUs, Ray has {cpus:g} free: fewer actors or a smaller fit.cpus_per_actor")
     # Leave one logical CPU free for Ray Data's own tasks: an actor pool that takes every CPU
     # can deadlock them. Actors ask for fractions instead.
     cpus_per_actor = fit.cpus_per_actor or max(0.1, (cpus - 1.0) / actors)
-    return {"actors": actors, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": gpus_per_actor}
+    return DevicePlan(actors=actors, cpus_per_actor=round(cpus_per_actor, 3), gpus_per_actor=share,
+                      device="cuda" if share > 0 else "cpu", free_cpus=cpus, free_gpus=gpus)
 
 
 def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int,
@@ -141,70 +195,115 @@ def fit_round(
     committed = set(committed_shards(out_dir))  # one listing: what a killed round already wrote
     pending = [p for p in shards if storage.basename(p) not in committed]
     start = time.perf_counter()
-    loaded: list[dict[str, Any]] = []
+    notes: dict[str, Any] = {"loaded": []}
     if pending:
-        loaded = _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress)
+        notes = _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress)
     summary = summarize(out_dir, shards)
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
-                   shards_fitted_now=len(pending), shards=len(shards), models=models, loaded=loaded)
+                   shards_fitted_now=len(pending), shards=len(shards), models=models, **notes)
     if pending and not is_verbose():
         summary["ray_log"] = str(rundir.ray_log(run))
     rundir.mark_done(run, round_index, "fits", summary)
     return summary
 
 
-def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress) -> list[dict]:
-    """Fit the pending shards on Ray; returns the models the actors loaded (each actor reports its own)."""
+def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress) -> dict[str, Any]:
+    """Fit the pending shards on Ray; returns the round's notes (RoundNotes.summary): the device
+    plan, and what each actor loaded and fitted on."""
     expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
     for name in [n for n, rows in expected.items() if rows == 0]:  # nothing to fit, and no row would commit it
         write_table(FITS_SCHEMA.empty_table(), storage.join(out_dir, name))
     pending = [p for p in pending if expected[storage.basename(p)] > 0]
     if not pending:
-        return []
+        return {"loaded": []}
     # Ray's own output goes to RUN/logs/ray.log unless --verbose; the console gets a bar by shard
     with (nullcontext(sys.stderr) if is_verbose() else stderr_to(rundir.ray_log(run))) as console:
         ensure_ray(ray_address, progress)
+        plan = plan_devices(config.fit, available_cpus(), available_gpus())  # before the pool: it would wait
+        print(f"fit round {round_index} plan: {plan.line()}", file=console, flush=True)
         with tqdm(total=sum(expected[storage.basename(p)] for p in pending), desc=f"fit round {round_index}",
                   unit="fit", file=console, disable=None if progress else True, leave=False) as bar:
-            loaded = _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar)
+            notes = _run_actor_pool(run, round_index, config, models, plan, pending, metadata, expected, out_dir, bar)
     done = set(committed_shards(out_dir))
     missing = sorted(n for n in expected if n not in done)
     if missing:
         raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
-    return [json.loads(text) for text in sorted(loaded)]
+    return notes.summary(plan)
 
 
-def _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar: tqdm) -> set[str]:
+class RoundNotes:
+    """What the actors report beside the fits rows, over a round: the models they loaded, each
+    actor's device (with the rows it fitted) and how SMPLify ran (mode and device, by rows)."""
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()
+        self.workers: Counter[str] = Counter()
+        self.modes: Counter[str] = Counter()
+
+    def add(self, block: pa.Table) -> None:
+        self.loaded.update(block.column("models").unique().to_pylist())
+        for column, counter in (("worker", self.workers), ("fit_mode", self.modes)):
+            for item in block.column(column).value_counts().to_pylist():
+                counter[item["values"]] += item["counts"]
+
+    def summary(self, plan: DevicePlan) -> dict[str, Any]:
+        return {"loaded": [json.loads(text) for text in sorted(self.loaded)], "device_plan": asdict(plan),
+                "actors": [{**json.loads(text), "rows": rows} for text, rows in sorted(self.workers.items())],
+                "fit_modes": {mode: rows for mode, rows in sorted(self.modes.items()) if mode}}
+
+
+def device_params(summary: dict[str, Any]) -> dict[str, Any]:
+    """A fit round's device plan and the devices its actors fitted on, as tracking parameters
+    (empty where the round fitted nothing now)."""
+    if "device_plan" not in summary:
+        return {}
+    return {"device_plan": summary["device_plan"],
+            "fitted_on": ",".join(sorted({actor["device"] for actor in summary["actors"]}))}
+
+
+def actor_bad_input(exc: BaseException) -> str | None:
+    """The message of a BadInput that a Ray actor raised while it started, from the error that
+    Ray Data raises in its place (it keeps the actor's traceback as text only); None if none."""
+    found = re.findall(r"BadInput: ([^\n]+)", str(exc))
+    return found[-1].strip() if found else None
+
+
+def _run_actor_pool(run, round_index, config, models, plan: DevicePlan, pending, metadata, expected, out_dir,
+                    bar: tqdm) -> RoundNotes:
     """Fit the pending shards on an actor pool and commit each shard as soon as all its rows are
-    back; the bar counts the fits. Returns what the actors loaded (JSON texts)."""
+    back; the bar counts the fits. Returns what the actors reported."""
     import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
 
-    plan = plan_resources(config)
-    device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
     # Whole CPUs only: an actor running more torch threads than the CPUs it holds competes with
     # the driver and raylet (measured by bench/fit_stage.py: 2 threads on 2 cores ran slower than 1).
-    threads = max(1, int(plan["cpus_per_actor"]))
+    threads = max(1, int(plan.cpus_per_actor))
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
     present = set(metadata[storage.basename(pending[0])].schema.to_arrow_schema().names)
-    spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present], models)
+    spec = make_spec(run, round_index, config, plan.device, threads, [c for c in columns if c in present], models)
     ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=1,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_cpus=plan["cpus_per_actor"], num_gpus=plan["gpus_per_actor"] or None,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )  # Ray Data restarts a crashed actor and retries its shard; Python errors are handled inside
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
-    loaded: set[str] = set()
-    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        loaded.update(block.column("models").unique().to_pylist())
-        for name, part in split_by_shard(block):
-            buffers[name].append(part)
-            counts[name] += len(part)
-            if counts[name] == expected[name]:
-                commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
-                bar.update(counts[name])
-    return loaded
+    notes = RoundNotes()
+    try:
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            notes.add(block)
+            for name, part in split_by_shard(block):
+                buffers[name].append(part)
+                counts[name] += len(part)
+                if counts[name] == expected[name]:
+                    commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
+                    bar.update(counts[name])
+    except Exception as exc:  # noqa: BLE001 - only an actor's BadInput becomes one here
+        message = actor_bad_input(exc)
+        if message is None:
+            raise
+        raise BadInput(message) from None
+    return notes
 
 
 def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -290,9 +389,14 @@ def summarize(out_dir: Location, shards: list[Location]) -> dict[str, Any]:
 @click.option("--ray-address", default=None, help="Ray cluster address ('auto' inside a cluster); default: a local Ray sized to this machine.")
 @click.option("--batch-size", type=int, help="Samples per SMPLify batch in an actor.")
 @click.option("--num-actors", type=int, help="Actor pool size (default: one per core or GPU).")
+@click.option("--gpus-per-actor", type=float,
+              help="GPUs per actor; a fraction shares a GPU (0.25: four actors on one). Default: 1 where Ray has GPUs.")
+@click.option("--device", type=click.Choice(FIT_DEVICES),
+              help="Where actors fit: cuda fails without a GPU instead of using the CPU; auto uses GPUs where Ray has them.")
 @click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver: lm (fast) or adam (SPIN's).")
 @click.option("--force", is_flag=True, help="Redo the round even if it finished.")
-def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_actors, solver, force):
+def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_actors, gpus_per_actor, device, solver,
+        force):
     """One SMPLify fit round over the sample shards, on Ray.
 
     Writes RUN/round=N/fits/part-XXXXX.parquet (one per input shard, committed as each completes),
@@ -301,6 +405,7 @@ def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_ac
     """
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
-                                               "fit.num_actors": num_actors, "fit.solver": solver})
+                                               "fit.num_actors": num_actors, "fit.gpus_per_actor": gpus_per_actor,
+                                               "fit.device": device, "fit.solver": solver})
     summary = fit_round(run, round_index, config, ray_address=ray_address, force=force)
     click.echo(step_line("fit", round_index, summary))

@@ -59,8 +59,10 @@ def step_line(step: str, round_index: int, summary: dict[str, Any]) -> str:
     if summary.get("skipped"):
         return f"{head}: already done"
     if step == "fit":
+        plan = summary.get("device_plan")
+        where = f", {plan['actors']} actor{'s' if plan['actors'] > 1 else ''} on {plan['device']}" if plan else ""
         return (f"{head}: {summary.get('rows', 0)} fits, acceptance {summary.get('acceptance_rate', 0.0):.3f}, "
-                f"{summary.get('quarantined', 0)} quarantined ({summary.get('seconds', 0):.0f} s)")
+                f"{summary.get('quarantined', 0)} quarantined{where} ({summary.get('seconds', 0):.0f} s)")
     if step == "train":
         loss = summary.get("final_losses", {}).get("loss", float("nan"))
         return (f"{head}: {summary.get('trained_steps', 0)} steps, loss {loss:.4g}, "

@@ -22,7 +22,7 @@ from pipeline.config import (
     run_params,
 )
 from pipeline.evaluation import check_evaluation, evaluate_round
-from pipeline.fit_stage import fit_round
+from pipeline.fit_stage import device_params, fit_round
 from pipeline.report import format_metrics, headline, round_table, step_line
 from pipeline.tracking import Tracker
 from trainer.data import storage
@@ -118,6 +118,7 @@ def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str
             child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__, "models": models})
             fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress)
             tracker.log_metrics(child, fit_summary, step=r)
+            tracker.log_params(child, device_params(fit_summary))
             tracker.log_dict(child, fit_summary, "fits_success.json")
             tracker.finish(child)
             click.echo(step_line("fit", r, fit_summary))

@@ -32,6 +32,15 @@ def test_the_lock_covers_every_import_that_the_image_lacks():
     assert gpu_bundle.uncovered_imports(bundled, image) == []
 
 
+def test_the_scan_covers_every_script_and_test_that_the_gpu_steps_run():
+    import re
+
+    steps = "".join((ROOT / "bench" / name).read_text() for name in ("gpu_steps_full.txt", "gpu_smplify_check.sh"))
+    run = set(re.findall(r"(?:bench|tests)/\w+\.py", steps))
+    assert run and run <= set(gpu_bundle.GPU_SCRIPTS) and all((ROOT / s).is_file() for s in gpu_bundle.GPU_SCRIPTS)
+    assert gpu_bundle.imported_modules()["pytest"].startswith("tests/")
+
+
 def test_the_check_catches_a_package_missing_from_the_lock():
     bundled, image = set(gpu_bundle.read_lock()) - {"roma"}, set(gpu_bundle.read_image())
     problems = gpu_bundle.uncovered_imports(bundled, image)
@@ -100,3 +109,44 @@ def test_the_runner_runs_each_step_under_its_budget_and_goes_on_after_a_failure(
     with tarfile.open(out / "logs.tar.gz") as tar:
         log = tar.extractfile("./ok.log").read().decode()
     assert log.splitlines() == ["hi", str(tmp_path / "work" / "bin" / "spin-pipeline")]
+
+
+def test_the_full_gpu_steps_fit_the_runners_budget_and_use_only_real_options():
+    """bench/gpu_steps_full.txt: the step budgets leave the unpack 30 s of the runner's 540, and
+    every --option a step gives spin-pipeline or a bench script is one that it takes."""
+    import re
+
+    lines = [line.split(None, 2) for line in (ROOT / "bench" / "gpu_steps_full.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert [name for name, _, _ in lines][-1] == "pack"
+    assert sum(int(budget) for _, budget, _ in lines) + 30 <= 540
+    for _, _, command in lines:
+        for program, rest in re.findall(r"(spin-pipeline \w+|python3 bench/\w+\.py)([^;&|]*)", command):
+            argv = ([sys.executable, "-m", "pipeline.cli", program.split()[1]] if program.startswith("spin")
+                    else [sys.executable, program.split()[1]])
+            usage = subprocess.run(argv + ["--help"], capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+            for option in re.findall(r"(?<!\S)(--[\w-]+)", rest):
+                assert option in usage, f"{program} has no {option}"
+    for script in re.findall(r"bench/[\w.]+\.(?:sh|py)", (ROOT / "bench" / "gpu_steps_full.txt").read_text()):
+        assert (ROOT / script).is_file(), script
+
+
+def test_the_pack_step_keeps_what_the_steps_wrote_in_one_archive(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "pack" / "smplify").mkdir(parents=True)
+    (work / "pack" / "smplify" / "smplify_gpu.json").write_text("{}")
+    (work / "pack" / "fit_stage_gpu.json").write_text("{}")
+    (work / "ablation" / "static" / "round=0").mkdir(parents=True)
+    (work / "ablation" / "ablation.json").write_text("{}")
+    (work / "ablation" / "static" / "round=0" / "model").mkdir()
+    out.mkdir()
+    (out / "smplify.log").write_text("log")
+    (out / "steps.json").write_text("{}")
+    env = {**os.environ, "WORK": str(work), "OUT": str(out), "PATH": "/usr/bin:/bin"}  # no nvidia-smi: 'gpu'
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_pack.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(out / "gpu_results.tar.gz") as tar:
+        names = {name.removeprefix("./") for name in tar.getnames()}
+    assert {"smplify_gpu.json", "smplify/smplify_gpu.json", "fit_stage_gpu.json", "ablation/ablation.json",
+            "smplify.log", "steps.json"} <= names

@@ -82,6 +82,11 @@ def test_two_rounds_end_to_end(tiny_benchmark, tmp_path):
     success = rundir.read_success(run, 0, "fits")
     assert success["rows"] == len(ids0) and success["quarantined"] == 1
     assert 0.0 <= success["acceptance_rate"] <= 1.0 and success["code_version"]
+    # the device plan and where each actor fitted, by rows (the quarantined sample's included)
+    assert success["device_plan"]["device"] == "cpu" and success["device_plan"]["gpus_per_actor"] == 0
+    actors = success["actors"]
+    assert len(actors) <= success["device_plan"]["actors"] and all(a["device"] == "cpu" and a["actor"] for a in actors)
+    assert sum(a["rows"] for a in actors) == success["rows"] + 1 == success["fit_modes"]["dynamic on cpu"]
 
     eval1 = results[1]["eval"]
     assert eval1["regressor"]["pa_mpjpe"] > 0 and eval1["fits"]["pa_mpjpe"] > 0
@@ -91,6 +96,9 @@ def test_two_rounds_end_to_end(tiny_benchmark, tmp_path):
     runs = mlflow.search_runs(experiment_names=["spin-pipeline"])
     names = set(runs["tags.mlflow.runName"])
     assert {"fit-round0", "train-round0", "eval-round0", "fit-round1", "train-round1", "eval-round1"} <= names
+    fit0 = runs[runs["tags.mlflow.runName"] == "fit-round0"].iloc[0]
+    assert (fit0["params.device_plan.device"], fit0["params.fitted_on"]) == ("cpu", "cpu")
+    assert fit0["params.device_plan.actors"] == str(success["device_plan"]["actors"])
     parent = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert len(parent) == 1 and parent["metrics.rounds_done"].iloc[0] == 2
 
