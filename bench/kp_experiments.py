@@ -128,7 +128,7 @@ def train_cmd(args) -> None:
         save_model(model, config, args.save)
     emit({"probe": "train", "labels": args.labels, "num": len(data["keypoints"]), "config": kp.config_dict(config),
           "test": result, "train_first2000": train_fit, "seconds": info["seconds"], "samples_per_s": info["samples_per_s"],
-          "log": info["log"][-3:] if info["log"] else None}, args.log)
+          "grad_norm": info["grad_norm"], "log": info["log"] if info["log"] else None}, args.log)
 
 
 def loop(args) -> None:
@@ -165,7 +165,11 @@ def loop(args) -> None:
             rc.lr = args.lr_later
         model, info = kp.train(rc, data["keypoints"], labels, body, init_state=state if args.warm else None)
         state = model.state_dict()
+        if args.save:
+            np.savez(f"{args.save}_fits{r}.npz", **best)
+            save_model(model, rc, f"{args.save}_model{r}.pt")
         row["train_seconds"] = info["seconds"]
+        row["grad_norm"] = info["grad_norm"]
         row["test"] = kp.evaluate(model, test, body)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

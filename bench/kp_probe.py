@@ -109,8 +109,8 @@ class KeypointRegressor(nn.Module):
             pose = self.decpose(x) + pose
             shape = self.decshape(x) + shape
             cam = self.deccam(x) + cam
-        rotmat = sixd_to_rotmat(pose.reshape(batch, NUM_JOINTS, 6))
-        return rotmat, shape, cam
+        rotmat = sixd_to_rotmat(pose.float().reshape(batch, NUM_JOINTS, 6))
+        return rotmat, shape.float(), cam.float()
 
 
 # ------------------------------------------------------------------ augmentation
@@ -188,6 +188,7 @@ class KpTrainConfig:
     grad_clip: float = 0.0
     weights: dict = field(default_factory=dict)
     augment: dict = field(default_factory=dict)
+    bf16: bool = False           # the network (not the body or the losses) under bfloat16 autocast
 
 
 def kinematic_levels(parents: list[int]) -> list[list[int]]:
@@ -199,23 +200,49 @@ def kinematic_levels(parents: list[int]) -> list[list[int]]:
 
 
 class KpBody(nn.Module):
-    """`KeypointBody`'s 49 keypoints, computed for large training batches: the kinematic chain
-    one tree level at a time (9 batched products instead of 23), the blend of the joint
-    transforms as one matrix product over the batch, and each vertex's 3x4 transform applied
-    elementwise (the small per-sample products of the general code cost more than their
-    arithmetic on a CPU). Same numbers as KeypointBody (checked in `check_kpbody`)."""
+    """`KeypointBody`'s 49 keypoints for large training batches, without skinning vertices.
+
+    A keypoint made from vertices is a fixed linear combination of them (one vertex, or a row
+    of the extra regressor): k_m = sum_s M_ms v_s, and linear blend skinning gives
+    v_s = sum_j w_sj (R_j (p_s - J_j) + g_j) with R_j, g_j joint j's global rotation and posed
+    position, J_j its rest position and p_s the shaped (and pose-blended) rest vertex. So
+        k_m = sum_j R_j Q_mj + c_mj (g_j - R_j J_j),   c_mj = sum_s M_ms w_sj,
+        Q_mj = sum_s M_ms w_sj p_s   (linear in the betas and the pose-blend features),
+    which costs a few thousand multiply-adds per sample instead of skinning the support vertices.
+    The kinematic chain runs one tree level at a time. Same numbers as KeypointBody (`check_kpbody`)."""
 
     def __init__(self, model=None):
         super().__init__()
-        self.kb = KeypointBody(model if model is not None else load_body_model())
-        parents = [int(p) for p in self.kb.parents]
-        self.levels = kinematic_levels(parents)[1:]
-        self.level_parents = [[parents[j] for j in level] for level in self.levels]
-        order = [0] + [j for level in self.levels for j in level]
+        self.kb = kb = KeypointBody(model if model is not None else load_body_model())
+        support = kb.v_template.shape[0]
+        mix = torch.cat([torch.nn.functional.one_hot(kb.vertex_rows, support).to(kb.extra.dtype), kb.extra])  # (M, S)
+        mw = mix[:, :, None] * kb.lbs_weights[None]                                   # (M, S, 24)
+        self.num_virtual = mix.shape[0]
+        c = mw.sum(1)                                                                  # (M, 24)
+        q0 = torch.einsum("msj,sc->mjc", mw, kb.v_template)                           # (M, 24, 3)
+        qb = torch.einsum("msj,scl->mjcl", mw, kb.shapedirs)                          # (M, 24, 3, 10)
+        posedirs = kb.posedirs.reshape(-1, support, 3)                                # (207, S, 3)
+        self.has_pose_blend = bool(posedirs.abs().max() > 0)  # the built-in model has none
+        qp = torch.einsum("msj,qsc->mjcq", mw, posedirs) if self.has_pose_blend else None
+        # only the (keypoint, joint) pairs whose skinning weight is not zero: few per keypoint
+        used = (c != 0) | (q0 != 0).any(-1) | (qb != 0).flatten(2).any(-1)
+        if qp is not None:
+            used |= (qp != 0).flatten(2).any(-1)
+        pair_m, pair_j = torch.nonzero(used, as_tuple=True)
+        self.register_buffer("pair_m", pair_m)
+        self.register_buffer("pair_j", pair_j)
+        self.register_buffer("pair_c", c[pair_m, pair_j][:, None])                    # (P, 1)
+        self.register_buffer("pair_q0", q0[pair_m, pair_j])                           # (P, 3)
+        self.register_buffer("pair_qb", qb[pair_m, pair_j].permute(2, 0, 1).reshape(qb.shape[-1], -1))  # (10, P*3)
+        if qp is not None:
+            self.register_buffer("pair_qp", qp[pair_m, pair_j].permute(2, 0, 1).reshape(qp.shape[-1], -1))
+        parents = [int(p) for p in kb.parents]
+        levels = kinematic_levels(parents)[1:]
+        order = [0] + [j for level in levels for j in level]
         position = {j: i for i, j in enumerate(order)}
-        self.parent_positions = [torch.tensor([position[p] for p in ps]) for ps in self.level_parents]
-        self.levels = [torch.tensor(level) for level in self.levels]
-        self.level_parents = [torch.tensor(ps) for ps in self.level_parents]
+        self.levels = [torch.tensor(level) for level in levels]
+        self.level_parents = [torch.tensor([parents[j] for j in level]) for level in levels]
+        self.parent_positions = [torch.tensor([position[parents[j]] for j in level]) for level in levels]
         self.register_buffer("unsort", torch.argsort(torch.tensor(order)))
 
     def forward(self, rotmat: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
@@ -224,11 +251,6 @@ class KpBody(nn.Module):
         if rotmat.ndim == 2:
             rotmat = pose_to_rotmat(rotmat)
         joints = kb.joint_template + torch.einsum("bl,jcl->bjc", betas, kb.joint_shapedirs)     # (B, 24, 3)
-        shaped = kb.v_template + torch.einsum("bl,scl->bsc", betas, kb.shapedirs)               # (B, S, 3)
-        eye = torch.eye(3, dtype=rotmat.dtype)
-        posed = shaped + ((rotmat[:, 1:] - eye).reshape(batch, -1) @ kb.posedirs).reshape(batch, -1, 3)
-        # global rotations and joint positions, level by level; `position[j]` is where joint j
-        # sits in the growing concatenation
         g_rot, g_loc = rotmat[:, :1], joints[:, :1]
         for level, parent_pos, parents in zip(self.levels, self.parent_positions, self.level_parents):
             pr = g_rot[:, parent_pos]
@@ -236,13 +258,16 @@ class KpBody(nn.Module):
             g_rot = torch.cat([g_rot, pr @ rotmat[:, level]], 1)
             g_loc = torch.cat([g_loc, g_loc[:, parent_pos] + (pr @ offset[..., None])[..., 0]], 1)
         g_rot, g_loc = g_rot[:, self.unsort], g_loc[:, self.unsort]       # (B, 24, 3, 3), (B, 24, 3)
-        trans = g_loc - (g_rot @ joints[..., None])[..., 0]
-        top = torch.cat([g_rot.reshape(batch, 24, 9), trans], -1)         # (B, 24, 12)
-        blend = (kb.lbs_weights @ top.transpose(0, 1).reshape(24, -1)).reshape(-1, batch, 12).transpose(0, 1)
-        # each vertex's blended 3x4 transform (row-major) applied to it, column by column
-        vertices = (blend[..., 0:9:3] * posed[..., 0:1] + blend[..., 1:9:3] * posed[..., 1:2]
-                    + blend[..., 2:9:3] * posed[..., 2:3] + blend[..., 9:12])
-        source = torch.cat([g_loc, vertices[:, kb.vertex_rows], torch.einsum("ks,bsc->bkc", kb.extra, vertices)], 1)
+        trans = g_loc - (g_rot @ joints[..., None])[..., 0]               # (B, 24, 3)
+        pairs = len(self.pair_m)
+        q = self.pair_q0 + (betas @ self.pair_qb).reshape(batch, pairs, 3)
+        if self.has_pose_blend:
+            eye = torch.eye(3, dtype=rotmat.dtype)
+            q = q + ((rotmat[:, 1:] - eye).reshape(batch, -1) @ self.pair_qp).reshape(batch, pairs, 3)
+        rot = g_rot[:, self.pair_j]                                        # (B, P, 3, 3)
+        terms = (rot * q[:, :, None, :]).sum(-1) + self.pair_c * trans[:, self.pair_j]
+        virtual = terms.new_zeros(batch, self.num_virtual, 3).index_add(1, self.pair_m, terms)
+        source = torch.cat([g_loc, virtual], 1)
         return source[:, kb.keypoint_source]
 
 
@@ -311,28 +336,33 @@ def train(config: KpTrainConfig, keypoints: np.ndarray, labels: dict | None, bod
     start, cpu_start = time.perf_counter(), time.process_time()
     log = []
     perm, pos = torch.randperm(n, generator=gen), 0
+    norms: list[float] = []
     for step in range(config.steps):
         if pos + config.batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + config.batch_size]
         pos += config.batch_size
         inp, tkp, trot = augment_batch(kp_all[idx], rot_all[idx], aug, gen)
-        rotmat, betas, cam = model(inp)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            rotmat, betas, cam = model(inp)
+        rotmat, betas, cam = rotmat.float(), betas.float(), cam.float()
         loss, values = kp_losses(rotmat, betas, cam, tkp, trot, betas_all[idx], pv_all[idx], bv_all[idx], body,
                                  weights, config.mode, prior)
         if not torch.isfinite(loss):
             raise RuntimeError(f"diverged at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf")))
+        norms.append(norm)
         opt.step()
         sched.step()
         if log_every and (step % log_every == 0 or step == config.steps - 1):
-            log.append({"step": step, "loss": float(loss.detach()), **values})
+            log.append({"step": step, "loss": float(loss.detach()), "grad_norm": norm, **values})
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
     return model, {"seconds": round(seconds, 1), "samples_per_s": round(config.steps * config.batch_size / seconds),
+                   "grad_norm": {"median": float(np.median(norms)), "p99": float(np.percentile(norms, 99)), "max": float(np.max(norms)),
+                                 "argmax": int(np.argmax(norms))},
                    "samples_per_cpu_s": round(config.steps * config.batch_size / cpu), "threads": torch.get_num_threads(),
                    "log": log}
 
