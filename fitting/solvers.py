@@ -12,15 +12,14 @@ otherwise). Register another with `register_solver(name, fn)`; stages pick it by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+import roma
 import torch
 
 from fitting.errors import BadInput
 from fitting.lm import LMSettings, levenberg_marquardt
-
-if TYPE_CHECKING:
-    from fitting.smplify import StageConfig
+from fitting.stages import StageConfig
 
 Params = dict[str, torch.Tensor]
 
@@ -54,7 +53,7 @@ class StageResult:
     iterations: torch.Tensor   # (B,) long, iterations each sample ran
 
 
-Solver = Callable[[StageProblem, "StageConfig"], StageResult]
+Solver = Callable[[StageProblem, StageConfig], StageResult]
 
 
 class BestTracker:
@@ -75,13 +74,14 @@ class BestTracker:
             self.params[k] = torch.where(better[:, None], v.detach(), self.params[k])
 
 
-def adam(problem: StageProblem, stage: "StageConfig") -> StageResult:
+def adam(problem: StageProblem, stage: StageConfig) -> StageResult:
     """SPIN's solver: Adam on the summed energy for `stage.iterations` steps.
 
     Adam's update is elementwise, so summing the batch leaves every sample's trajectory as if
-    it were fitted alone. Options: beta1 (0.9), beta2 (0.999), eps (1e-8); other solvers'
-    options are ignored, so that a stage can switch solvers by name alone."""
-    opts = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, **stage.options}
+    it were fitted alone. Options: beta1 (0.9), beta2 (0.999), eps (1e-8), last_iterate (0: keep
+    each sample's best iterate; 1: its last, as SPIN does); other solvers' options are ignored,
+    so that a stage can switch solvers by name alone."""
+    opts = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "last_iterate": 0.0, **stage.options}
     fixed = {k: v.detach() for k, v in problem.params.items() if k not in problem.free}
     free = {k: problem.params[k].detach().clone().requires_grad_(True) for k in problem.free}
     tracker = BestTracker(free)
@@ -102,6 +102,8 @@ def adam(problem: StageProblem, stage: "StageConfig") -> StageResult:
         optimizer.step()
     ran = stage.iterations if optimizer is not None else 0
     iterations = torch.where(problem.active, ran, 0).to(torch.long)
+    if opts["last_iterate"]:
+        return StageResult({**fixed, **{k: v.detach() for k, v in free.items()}}, energy.detach(), iterations)
     return StageResult({**fixed, **tracker.params}, tracker.energy, iterations)
 
 
@@ -131,27 +133,7 @@ def autodiff_linearize(problem: StageProblem) -> Callable[..., tuple[torch.Tenso
     return linearize
 
 
-def _quaternion(rotvec: torch.Tensor) -> torch.Tensor:
-    """(..., 3) axis-angle -> (..., 4) unit quaternion (x, y, z, w)."""
-    angle = rotvec.norm(dim=-1, keepdim=True)
-    small = angle < 1e-4
-    scale = torch.where(small, 0.5 - angle.square() / 48, torch.sin(0.5 * angle) / torch.where(small, 1.0, angle))
-    return torch.cat([rotvec * scale, torch.cos(0.5 * angle)], dim=-1)
-
-
-def compose_rotvec(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """(..., 3), (..., 3) axis-angle -> (..., 3) axis-angle of R(left) R(right), angle in [0, pi]."""
-    (ax, ay, az, aw), (bx, by, bz, bw) = _quaternion(left).unbind(-1), _quaternion(right).unbind(-1)
-    q = torch.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
-                     aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], dim=-1)
-    q = torch.where(q[..., 3:] < 0, -q, q)                       # the shorter of the two angles
-    vector = q[..., :3].norm(dim=-1, keepdim=True)
-    angle = 2.0 * torch.atan2(vector, q[..., 3:])
-    small = vector < 1e-7
-    return q[..., :3] * torch.where(small, 2.0 / q[..., 3:].clamp_min(1e-7), angle / torch.where(small, 1.0, vector))
-
-
-def lm(problem: StageProblem, stage: "StageConfig") -> StageResult:
+def lm(problem: StageProblem, stage: StageConfig) -> StageResult:
     """Levenberg-Marquardt on the stage's residuals, at most `stage.iterations` (and the option
     max_iterations) steps per sample, each sample stopping on its own (see fitting.lm). Options:
     the fields of LMSettings; `lr` is not used."""
@@ -187,7 +169,7 @@ def lm(problem: StageProblem, stage: "StageConfig") -> StageResult:
         out = x + step
         for span in spans:
             turn, rotvec = step[:, span].unflatten(1, (-1, 3)), x[:, span].unflatten(1, (-1, 3))
-            out[:, span] = compose_rotvec(turn, rotvec).flatten(1)
+            out[:, span] = roma.rotvec_composition([turn, rotvec]).flatten(1)   # R(turn) R(rotvec)
         return out
 
     steps = int(min(stage.iterations, settings.max_iterations))

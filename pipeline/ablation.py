@@ -23,12 +23,32 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
+from fitting.camera import normalized_to_pixels
+from fitting.smplify import FitInit, fit, mean_init
+from fitting.solvers import SOLVERS
 from pipeline import rundir
-from pipeline.config import RunConfig, apply_overrides, save_config, yaml_settings
-from pipeline.demo import ensure_benchmark
-from pipeline.rounds import eval_round, headline, run_pipeline, train_config_for
+from pipeline.config import (
+    RunConfig,
+    apply_overrides,
+    load_run_body_model,
+    load_run_prior,
+    run_models,
+    run_params,
+    save_config,
+    yaml_settings,
+)
+from pipeline.demo import DEMO_PRESETS, ensure_benchmark
+from pipeline.report import headline
+from pipeline.rounds import eval_round, run_pipeline
 from pipeline.tracking import Tracker
+from trainer.data.tables import fits_table, read_split, to_numpy, write_table
+from trainer.evaluate import evaluate_fits, evaluate_mean_pose
+from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+from trainer.train import load_regressor, predict, train_regressor
+from trainer.train_config import train_config
 
 ARMS = ("2d-only", "static", "loop")
 LABELS = {arm: arm for arm in ARMS} | {"oracle": "ground-truth labels"}  # table rows, plot legend
@@ -47,16 +67,15 @@ def arm_config(base: RunConfig, arm: str, steps: int, rounds: int) -> RunConfig:
 
 def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, Any]:
     """The baseline: no fits at all, keypoints and priors only."""
-    from trainer.train import train_regressor
-
     if rundir.is_done(run, 0, "model"):
         return rundir.read_success(run, 0, "model")
-    train_config = train_config_for(config)
-    child = tracker.child("train-2d-only", train_config.to_dict())
+    models = run_models(config)
+    child = tracker.child("train-2d-only", {**config.training.to_dict(), "models": models})
     data = Path(config.data) / "train"
-    summary = train_regressor(train_config, [data], None, rundir.step_dir(run, 0, "model"),
+    summary = train_regressor(config.training, [data], None, rundir.step_dir(run, 0, "model"),
+                              load_run_body_model(models), prior=load_run_prior(models),
                               log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
-    rundir.mark_done(run, 0, "model", {**summary, "round": 0})
+    rundir.mark_done(run, 0, "model", {**summary, "round": 0, "models": models})
     tracker.finish(child)
     return summary
 
@@ -64,25 +83,14 @@ def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, A
 def truth_table(truth: pa.Table) -> pa.Table:
     """The train split's ground truth (its sample_id, has_smpl, pose and betas) in the fits schema
     (init 'gt'): labels that train through the same code as the fits."""
-    import pyarrow.compute as pc
-
-    from trainer.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy
-
     truth = truth.filter(pc.fill_null(truth.column("has_smpl"), False))
-    n = len(truth)
-    return make_table({
-        "sample_id": truth.column("sample_id").to_pylist(), "pose": to_numpy(truth, "pose"),
-        "betas": to_numpy(truth, "betas"), "cam_t": np.zeros((n, 3), np.float32), "loss": np.zeros(n, np.float32),
-        "joint_loss": np.zeros((n, NUM_KEYPOINTS), np.float32), "valid": np.ones(n, bool), "betas_ok": np.ones(n, bool),
-        "found_in_round": np.zeros(n, np.int32), "init": ["gt"] * n, "iterations": np.zeros(n, np.int32),
-    }, FITS_SCHEMA)
+    return fits_table(truth.column("sample_id").to_pylist(), pose=to_numpy(truth, "pose"), betas=to_numpy(truth, "betas"),
+                      cam_t=0.0, loss=0.0, joint_loss=0.0, valid=True, betas_ok=True, found_in_round=0, init="gt",
+                      iterations=0)
 
 
 def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
     """The oracle arm's round 0: the truth table in place of the fits."""
-    from pipeline.evaluation import read_split
-    from trainer.tables import write_table
-
     if rundir.is_done(run, 0, "fits"):
         return rundir.read_success(run, 0, "fits")
     table = truth_table(read_split(config.data, "truth", ["sample_id", "has_smpl", "pose", "betas"]))
@@ -94,20 +102,9 @@ def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
 
 def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int = 256) -> dict[str, Any]:
     """SMPLify from the mean vs from the final loop regressor, on the same train samples."""
-    import torch
-
-    from fitting.body_model import load_body_model
-    from fitting.camera import normalized_to_pixels
-    from fitting.priors import load_prior
-    from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init
-    from pipeline.evaluation import read_split
-    from trainer.evaluate import evaluate_fits
-    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-    from trainer.tables import FITS_SCHEMA, make_table, to_numpy
-    from trainer.train import load_regressor, predict
-
-    body, prior = load_body_model(config.body_model or None), load_prior(config.prior or None)
-    smplify = SmplifyConfig.from_dict(_smplify_dict(config))
+    models = run_models(config)
+    body, prior = load_run_body_model(models), load_run_prior(models)
+    smplify = config.smplify
     samples = read_split(config.data, "train").slice(0, num)
     keypoints = normalized_to_pixels(torch.from_numpy(to_numpy(samples, "keypoints").copy()))
     mean = load_mean_params()
@@ -122,35 +119,19 @@ def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int
         start = time.perf_counter()
         result = fit(body, prior, keypoints, init, smplify)
         seconds = time.perf_counter() - start
-        table = make_table({
-            "sample_id": samples.column("sample_id").to_pylist(), "pose": result.pose.numpy(),
-            "betas": result.betas.numpy(), "cam_t": result.cam_t.numpy(), "loss": result.loss.numpy(),
-            "joint_loss": result.joint_loss.numpy(), "valid": result.valid.numpy(),
-            "betas_ok": result.betas_ok.numpy(), "found_in_round": np.zeros(len(samples), np.int32),
-            "init": [name] * len(samples), "iterations": result.iterations.numpy().astype(np.int32),
-        }, FITS_SCHEMA)
+        table = fits_table(samples.column("sample_id").to_pylist(), pose=result.pose.numpy(), betas=result.betas.numpy(),
+                           cam_t=result.cam_t.numpy(), loss=result.loss.numpy(), joint_loss=result.joint_loss.numpy(),
+                           valid=result.valid.numpy(), betas_ok=result.betas_ok.numpy(), found_in_round=0, init=name,
+                           iterations=result.iterations.numpy())
         out[name] = {**evaluate_fits(table, truth, body), "seconds": round(seconds, 2)}
     return out
 
 
 def mean_pose_reference(config: RunConfig) -> dict[str, Any]:
     """Test-split metrics of predicting the regressors' mean parameters for every image."""
-    from fitting.body_model import load_body_model
-    from trainer.evaluate import evaluate_mean_pose
-    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-
     mean = load_mean_params()
-    return evaluate_mean_pose([Path(config.data) / "test"], load_body_model(config.body_model or None),
+    return evaluate_mean_pose([Path(config.data) / "test"], load_run_body_model(run_models(config)),
                               mean_pose_axis_angle(mean), np.asarray(mean["shape"], np.float32))
-
-
-def _smplify_dict(config: RunConfig) -> dict[str, Any]:
-    from fitting.smplify import SmplifyConfig
-
-    smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()
-    if config.fit.solver:
-        smplify["stages"] = [{**s, "solver": config.fit.solver} for s in smplify["stages"]]
-    return smplify
 
 
 def table_markdown(results: dict[str, Any]) -> str:
@@ -183,7 +164,7 @@ def table_markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out_png: Path) -> Path:
-    import matplotlib
+    import matplotlib  # here: seconds to import, and the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -207,14 +188,14 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
 
 
 @click.command("ablation")
-@click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+@click.option("--preset", type=click.Choice(DEMO_PRESETS), default="small", show_default=True,
               help="Benchmark and trainer preset.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="spin-ablation", show_default=True,
               help="Output folder: data/, one run per arm, ablation.json/.md, mlflow.db.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Rounds of the in-the-loop arm.")
 @click.option("--steps", type=int, help="Total training steps per arm (default: rounds x the preset's steps).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Benchmark and training seed.")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver.")
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
 @click.option("--train", "train_settings", multiple=True, metavar="KEY=VALUE",
               help="One training setting for every arm (a TrainConfig field), repeatable; on a GPU machine "
@@ -227,18 +208,15 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
     benchmark, with an oracle arm trained on ground-truth labels as their ceiling. Writes
     OUT/ablation.json, OUT/ablation.md and a plot; all arms are comparable runs in OUT/mlflow.db
     (experiment 'ablation'). Rerunning resumes finished steps."""
-    from trainer.train import TRAIN_PRESETS
-
     start = time.perf_counter()
     out = Path(out_dir)
-    steps = steps or rounds * int(TRAIN_PRESETS[preset]["steps"])
+    steps = steps or rounds * train_config(preset).steps
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     train = yaml_settings(train_settings, "--train")
     base = RunConfig.from_dict({"data": str((out / "data").resolve()), "rounds": rounds, "seed": seed,
                                 "train_preset": preset, "train": train,
                                 "fit": {"solver": solver or ""},
-                                "tracking": {"experiment": "ablation", "tracking_uri": uri}})
-    train_config_for(base)  # a bad setting fails now, not after the benchmark is rendered
+                                "tracking": {"experiment": "ablation", "tracking_uri": uri}})  # read whole, before any work
     dataset = ensure_benchmark(out / "data", preset, seed)
     results: dict[str, Any] = {"preset": preset, "rounds": rounds, "total_steps": steps, "seed": seed,
                                "dataset": dataset.get("counts"), "arms": {}}
@@ -246,7 +224,7 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
         run = out / arm
         config = arm_config(base, arm, steps, rounds)
         save_config(config, run / "config.yaml")
-        tracker = Tracker(run, "ablation", uri, run_name=arm, params={"arm": arm, **config.to_dict()})
+        tracker = Tracker(run, "ablation", uri, run_name=arm, params={"arm": arm, **run_params(config)})
         click.echo(f"== {arm}")
         if arm == "2d-only":
             train_2d_only(run, config, tracker)

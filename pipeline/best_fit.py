@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import torch
 
-from fitting.body_model import load_body_model
 from fitting.camera import IMG_RES, estimate_translation, normalized_to_pixels
-from fitting.priors import load_prior
 from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
 from pipeline import rundir
-from trainer import storage
-from trainer.tables import FITS_SCHEMA, make_table, read_table, to_numpy
-
+from pipeline.config import load_run_body_model, load_run_prior
+from trainer.data import storage
+from trainer.data.tables import FITS_SCHEMA, fits_columns, make_table, read_table, to_numpy
+from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+from trainer.train import load_regressor, predict
 
 
 def keep_new(new_loss: np.ndarray, old_loss: np.ndarray) -> np.ndarray:
@@ -54,15 +56,15 @@ class BatchFitter:
     def __init__(self, spec):
         self.spec = spec
         self.device = torch.device(spec.device)
-        self.model = load_body_model(spec.body_model or None, self.device)
-        self.prior = load_prior(spec.prior or None).to(self.device)
+        self.model = load_run_body_model(spec.models, self.device)
+        self.prior = load_run_prior(spec.models, self.device)
+        # what this fitter loaded, reported with every row so that the round records it
+        self.loaded = json.dumps({"body_model": self.model.identity, "prior": self.prior.identity}, sort_keys=True)
         self.config = SmplifyConfig.from_dict(spec.smplify)
         self.regressor = None
         if spec.checkpoint:
-            from trainer.train import load_regressor
             # a checkpoint on an object store is read from a local copy, once per machine
             self.regressor = load_regressor(storage.local_copy(spec.checkpoint), device=self.device)
-        from trainer.mean_params import load_mean_params, mean_pose_axis_angle
         mean = load_mean_params()
         self.mean_pose = torch.as_tensor(mean_pose_axis_angle(mean), dtype=torch.float32)
         self.mean_betas = torch.as_tensor(mean["shape"], dtype=torch.float32)
@@ -87,7 +89,6 @@ class BatchFitter:
         has_smpl = self._has_smpl(batch)
         init_kind = np.full(n, "mean", dtype=object)
         if self.regressor is not None:
-            from trainer.train import predict
             pred = predict(self.regressor, batch, device=self.device)
             init = FitInit(*(torch.as_tensor(pred[k], dtype=torch.float32, device=self.device)
                              for k in ("pose", "betas", "cam_t")))
@@ -110,22 +111,25 @@ class BatchFitter:
             init_kind[has_smpl] = "gt"
             iterations = np.where(has_smpl, 0, iterations)
             reasons = [None if h else r for h, r in zip(has_smpl, reasons)]
-        columns = {
-            "sample_id": batch.column("sample_id").to_pylist(), "pose": pose, "betas": betas, "cam_t": cam_t,
-            "loss": loss, "joint_loss": joint_loss,
-            "valid": np.where(has_smpl, loss < self.config.loss_threshold, result.valid.cpu().numpy()),
-            "betas_ok": np.all(np.abs(betas) <= self.config.betas_threshold, axis=1),
-            "found_in_round": np.full(n, self.spec.round_index, dtype=np.int32),
-            "init": init_kind.tolist(), "iterations": iterations.astype(np.int32),
-        }
-        columns["valid"] = np.asarray(columns["valid"]) & np.isfinite(loss)
+        valid = np.where(has_smpl, loss < self.config.loss_threshold, result.valid.cpu().numpy()) & np.isfinite(loss)
+        columns = fits_columns(
+            batch.column("sample_id").to_pylist(), pose=pose, betas=betas, cam_t=cam_t, loss=loss,
+            joint_loss=joint_loss, valid=valid, betas_ok=np.all(np.abs(betas) <= self.config.betas_threshold, axis=1),
+            found_in_round=self.spec.round_index, init=init_kind, iterations=iterations)
         shards = [storage.basename(p) for p in batch.column("path").to_pylist()]
         merged = self._merge_previous(columns, keypoints, shards)
         table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
         reasons = [r if r else None for r in reasons]
         # a sample with no usable new fit keeps its old best fit when it has one
         reasons = [None if (r is not None and merged["kept_old"][i]) else r for i, r in enumerate(reasons)]
-        return table.append_column("shard", pa.array(shards, pa.string())).append_column("reason", pa.array(reasons, pa.string()))
+        return self._with_row_notes(table, shards, reasons)
+
+    def _with_row_notes(self, table: pa.Table, shards: list[str], reasons: list[str | None]) -> pa.Table:
+        """The fits rows plus what the driver needs beside them: shard, quarantine reason, models used."""
+        n = len(table)
+        return (table.append_column("shard", pa.array(shards, pa.string()))
+                .append_column("reason", pa.array(reasons, pa.string()))
+                .append_column("models", pa.array([self.loaded] * n, pa.string())))
 
     def _mean_init(self, keypoints: torch.Tensor) -> FitInit:
         finite = torch.nan_to_num(keypoints, nan=0.0, posinf=0.0, neginf=0.0)  # screened by fit()
@@ -171,7 +175,7 @@ class BatchFitter:
     def _merge_previous(self, new: dict[str, Any], keypoints: torch.Tensor, shards: list[str]) -> dict[str, Any]:
         n = len(shards)
         has_old, old_arrays = gather_previous(new["sample_id"], shards, lambda s: self._previous_fits(s)[:2])
-        merged = {k: (np.array(v, dtype=object) if isinstance(v, list) else np.array(v)) for k, v in new.items()}
+        merged = {k: np.array(v) for k, v in new.items()}
         merged["kept_old"] = np.zeros(n, dtype=bool)
         if not has_old.any():
             return merged
@@ -195,14 +199,9 @@ class BatchFitter:
         """Rows for samples that could not be fitted: the previous best fit where there is one
         (a best fit never gets lost), else a quarantine reason."""
         n = len(batch)
-        zeros = lambda *s: np.zeros((n, *s), dtype=np.float32)  # noqa: E731
-        columns = {
-            "sample_id": batch.column("sample_id").to_pylist(), "pose": zeros(72), "betas": zeros(10),
-            "cam_t": zeros(3), "loss": np.full(n, np.inf, np.float32), "joint_loss": zeros(49),
-            "valid": np.zeros(n, bool), "betas_ok": np.zeros(n, bool),
-            "found_in_round": np.full(n, self.spec.round_index, np.int32), "init": ["mean"] * n,
-            "iterations": np.zeros(n, np.int32),
-        }
+        columns = fits_columns(batch.column("sample_id").to_pylist(), pose=0.0, betas=0.0, cam_t=0.0, loss=np.inf,
+                               joint_loss=0.0, valid=False, betas_ok=False, found_in_round=self.spec.round_index,
+                               init="mean", iterations=0)
         try:
             keypoints = normalized_to_pixels(torch.as_tensor(to_numpy(batch, "keypoints")), IMG_RES)
         except Exception:  # noqa: BLE001 - unreadable keypoints still let us carry the old fit
@@ -211,4 +210,4 @@ class BatchFitter:
         merged = self._merge_previous(columns, keypoints.to(self.device), shards)
         table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
         reasons = [None if kept else reason for kept in merged["kept_old"]]
-        return table.append_column("shard", pa.array(shards, pa.string())).append_column("reason", pa.array(reasons, pa.string()))
+        return self._with_row_notes(table, shards, reasons)

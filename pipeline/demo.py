@@ -8,14 +8,20 @@ from typing import Any
 
 import click
 
-from pipeline.rounds import headline, resolve_config, run_pipeline
+from fitting.solvers import SOLVERS
+from pipeline.config import resolve_config
+from pipeline.report import headline, round_table
+from pipeline.rounds import run_pipeline
+from trainer.data.synth import SYNTH_PRESETS, SynthConfig
+from trainer.data.synth_run import generate
+from trainer.train_config import TRAIN_PRESETS
+
+# a demo preset sizes both the benchmark and the trainer
+DEMO_PRESETS = [name for name in TRAIN_PRESETS if name in SYNTH_PRESETS]
 
 
 def ensure_benchmark(data: Path, preset: str, seed: int, workers: int | None = None) -> dict[str, Any]:
     """Synthesize the benchmark once; a finished one (dataset.json present) is reused."""
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
-
     marker = data / "dataset.json"
     if marker.exists():
         return json.loads(marker.read_text())
@@ -43,11 +49,11 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="spin-demo", show_default=True,
               help="Where the benchmark (OUT/data), the run (OUT/run) and summary.json go.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Fit/train rounds.")
-@click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+@click.option("--preset", type=click.Choice(DEMO_PRESETS), default="small", show_default=True,
               help="Benchmark and trainer preset: tiny (a minute) or small (the demo).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Benchmark seed.")
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver (default: the library default).")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver (default: the library default).")
 def demo(out_dir, rounds, preset, seed, ray_address, solver):
     """The whole loop on the built-in benchmark: synthesize it, then fit/train/evaluate ROUNDS
     rounds with real Ray and real MLflow (SQLite in OUT/run/mlflow.db). Prints a table by round
@@ -67,6 +73,5 @@ def demo(out_dir, rounds, preset, seed, ray_address, solver):
                "pictures": sorted(str(p) for p in run.glob("round=*/eval/*.png")),
                "mlflow": f"mlflow ui --backend-store-uri sqlite:///{(run / 'mlflow.db').resolve()}"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from pipeline.report import round_table
     click.echo(round_table(results))
     click.echo(f"summary: {out / 'summary.json'} ({summary['seconds']:.0f} s); MLflow: {summary['mlflow']}")

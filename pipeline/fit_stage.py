@@ -13,22 +13,33 @@ prediction. Samples with ground truth take it as their fit, as SPIN does.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import click
 import numpy as np
 import pyarrow as pa
+import torch
+from tqdm import tqdm
 
 from fitting.errors import BadInput
+from fitting.solvers import SOLVERS
 from pipeline import rundir
-from pipeline.config import RunConfig
-from trainer import storage
-from trainer.storage import Location
-from trainer.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table, shard_paths, write_table
+from pipeline.best_fit import BatchFitter
+from pipeline.config import RunConfig, resolve_config, run_models
+from pipeline.console import is_verbose, stderr_to
+from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
+from pipeline.report import step_line
+from pipeline.rundir import committed_shards
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, shard_paths, write_table
 
 FIT_COLUMNS = ["sample_id", "keypoints", "has_smpl", "pose", "betas"]
 
@@ -39,9 +50,8 @@ class FitterSpec:
     round_index: int
     run: str                      # a local path or a URI
     smplify: dict[str, Any]
+    models: dict[str, dict[str, str]]   # the run's body model and prior, pinned (config.run_models)
     checkpoint: str = ""          # regressor N-1; empty for round 0
-    body_model: str = ""          # empty: the built-in model
-    prior: str = ""               # empty: the built-in prior
     device: str = "cpu"
     threads: int = 1
     columns: tuple[str, ...] = tuple(FIT_COLUMNS)   # what to read from a shard
@@ -53,10 +63,6 @@ class ShardFitter:
     rows of shard paths, it returns the fitted rows of those shards."""
 
     def __init__(self, spec: FitterSpec):
-        import torch
-
-        from pipeline.best_fit import BatchFitter
-
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.fitter = BatchFitter(spec)
@@ -73,8 +79,6 @@ class ShardFitter:
 
 def plan_resources(config: RunConfig) -> dict[str, float]:
     """Actor count, CPUs and GPUs per actor for this cluster (fractions on small machines)."""
-    from pipeline.ray_session import available_cpus, available_gpus
-
     cpus, gpus = available_cpus(), available_gpus()
     fit = config.fit
     gpus_per_actor = fit.gpus_per_actor if fit.gpus_per_actor >= 0 else (1.0 if gpus >= 1 else 0.0)
@@ -91,18 +95,12 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
 
 
 def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int,
-              columns: list[str] | None = None) -> FitterSpec:
-    from fitting.smplify import SmplifyConfig
-
-    smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()  # a bad config fails here, not in an actor
-    if config.fit.solver:
-        smplify["stages"] = [{**stage, "solver": config.fit.solver} for stage in smplify["stages"]]
-        SmplifyConfig.from_dict(smplify)
+              columns: list[str] | None = None, models: dict[str, dict[str, str]] | None = None) -> FitterSpec:
     checkpoint = ""
     if round_index > 0:
         checkpoint = str(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
-    return FitterSpec(round_index=round_index, run=str(run), smplify=smplify, checkpoint=checkpoint,
-                      body_model=config.body_model, prior=config.prior, device=device, threads=threads,
+    return FitterSpec(round_index=round_index, run=str(run), smplify=config.smplify.to_dict(),
+                      models=models or run_models(config), checkpoint=checkpoint, device=device, threads=threads,
                       columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 
 
@@ -139,30 +137,48 @@ def fit_round(
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
     shards = shard_paths(config.data, "train")
     metadata = check_inputs(run, round_index, shards)
+    models = run_models(config)
     committed = set(committed_shards(out_dir))  # one listing: what a killed round already wrote
     pending = [p for p in shards if storage.basename(p) not in committed]
     start = time.perf_counter()
+    loaded: list[dict[str, Any]] = []
     if pending:
-        _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress)
-    summary = summarize(out_dir, [storage.basename(p) for p in shards])
+        loaded = _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress)
+    summary = summarize(out_dir, shards)
     summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
-                   shards_fitted_now=len(pending), shards=len(shards))
+                   shards_fitted_now=len(pending), shards=len(shards), models=models, loaded=loaded)
+    if pending and not is_verbose():
+        summary["ray_log"] = str(rundir.ray_log(run))
     rundir.mark_done(run, round_index, "fits", summary)
     return summary
 
 
-def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress) -> None:
-    import ray
-
-    from pipeline.ray_session import ensure_ray
-
+def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress) -> list[dict]:
+    """Fit the pending shards on Ray; returns the models the actors loaded (each actor reports its own)."""
     expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
     for name in [n for n, rows in expected.items() if rows == 0]:  # nothing to fit, and no row would commit it
         write_table(FITS_SCHEMA.empty_table(), storage.join(out_dir, name))
     pending = [p for p in pending if expected[storage.basename(p)] > 0]
     if not pending:
-        return
-    ensure_ray(ray_address, progress)
+        return []
+    # Ray's own output goes to RUN/logs/ray.log unless --verbose; the console gets a bar by shard
+    with (nullcontext(sys.stderr) if is_verbose() else stderr_to(rundir.ray_log(run))) as console:
+        ensure_ray(ray_address, progress)
+        with tqdm(total=sum(expected[storage.basename(p)] for p in pending), desc=f"fit round {round_index}",
+                  unit="fit", file=console, disable=None if progress else True, leave=False) as bar:
+            loaded = _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar)
+    done = set(committed_shards(out_dir))
+    missing = sorted(n for n in expected if n not in done)
+    if missing:
+        raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+    return [json.loads(text) for text in sorted(loaded)]
+
+
+def _run_actor_pool(run, round_index, config, models, pending, metadata, expected, out_dir, bar: tqdm) -> set[str]:
+    """Fit the pending shards on an actor pool and commit each shard as soon as all its rows are
+    back; the bar counts the fits. Returns what the actors loaded (JSON texts)."""
+    import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
+
     plan = plan_resources(config)
     device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
     # Whole CPUs only: an actor running more torch threads than the CPUs it holds competes with
@@ -170,7 +186,7 @@ def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_addres
     threads = max(1, int(plan["cpus_per_actor"]))
     columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
     present = set(metadata[storage.basename(pending[0])].schema.to_arrow_schema().names)
-    spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present])
+    spec = make_spec(run, round_index, config, device, threads, [c for c in columns if c in present], models)
     ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=1,
@@ -179,26 +195,21 @@ def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_addres
     )  # Ray Data restarts a crashed actor and retries its shard; Python errors are handled inside
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
+    loaded: set[str] = set()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        loaded.update(block.column("models").unique().to_pylist())
         for name, part in split_by_shard(block):
             buffers[name].append(part)
             counts[name] += len(part)
             if counts[name] == expected[name]:
                 commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
-    done = set(committed_shards(out_dir))
-    missing = sorted(n for n in expected if n not in done)
-    if missing:
-        raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+                bar.update(counts[name])
+    return loaded
 
 
 def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
     names = np.asarray([os.path.basename(p) for p in block.column("shard").to_pylist()])
     return [(name, block.filter(pa.array(names == name))) for name in dict.fromkeys(names.tolist())]
-
-
-def committed_shards(out_dir: Location) -> list[str]:
-    """Names of the shards whose fits file exists (a finished shard)."""
-    return [storage.basename(p) for p in storage.list_dir(out_dir) if storage.basename(p).endswith(".parquet")]
 
 
 def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
@@ -218,30 +229,35 @@ def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
     write_table(fits, storage.join(out_dir, name))
 
 
-def read_fits(run: Location, round_index: int) -> pa.Table:
-    """The best-fit table of a finished round (all shards)."""
-    if not rundir.is_done(run, round_index, "fits"):
-        raise BadInput(f"round {round_index} has no finished fits in {run}")
-    out_dir = rundir.step_dir(run, round_index, "fits")
-    paths = [p for p in storage.list_dir(out_dir) if _is_part(storage.basename(p))]
-    return concat([read_table(p, FITS_SCHEMA) for p in paths], FITS_SCHEMA)
+def datasets_of(shards: list[Location]) -> dict[str, str]:
+    """sample_id -> dataset over samples shards (two columns of each)."""
+    out: dict[str, str] = {}
+    for path in shards:
+        table = storage.read_parquet(path, columns=["sample_id", "dataset"])
+        out.update(zip(table.column("sample_id").to_pylist(), table.column("dataset").to_pylist()))
+    return out
 
 
-def _is_part(name: str) -> bool:
-    return name.startswith("part-") and name.endswith(".parquet")
+def per_dataset(sample_ids: list[str], valid: np.ndarray, quarantined: list[str],
+                dataset_of: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Fits, acceptance and quarantined samples per dataset."""
+    names = np.asarray([dataset_of.get(s, "?") for s in sample_ids])
+    lost = [dataset_of.get(s, "?") for s in quarantined]
+    out = {}
+    for name in sorted(set(names.tolist()) | set(lost)):
+        mine = names == name
+        out[name] = {"rows": int(mine.sum()), "acceptance_rate": float(valid[mine].mean()) if mine.any() else 0.0,
+                     "quarantined": lost.count(name)}
+    return out
 
 
-def read_quarantine(out_dir: Location) -> pa.Table:
-    paths = [p for p in storage.list_dir(storage.join(out_dir, "quarantine")) if str(p).endswith(".parquet")]
-    return concat([read_table(p, QUARANTINE_SCHEMA) for p in paths], QUARANTINE_SCHEMA)
-
-
-def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
+def summarize(out_dir: Location, shards: list[Location]) -> dict[str, Any]:
     done = set(committed_shards(out_dir))
-    columns = ["loss", "valid", "betas_ok", "found_in_round", "init"]
-    tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in shard_names if n in done]
+    names = [storage.basename(p) for p in shards]
+    columns = ["sample_id", "loss", "valid", "betas_ok", "found_in_round", "init"]
+    tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in names if n in done]
     table = pa.concat_tables(tables) if tables else None
-    quarantine = read_quarantine(out_dir)
+    quarantine = rundir.read_quarantine(out_dir)
     summary: dict[str, Any] = {"rows": 0, "quarantined": len(quarantine)}
     if table is None or len(table) == 0:
         return summary
@@ -257,6 +273,8 @@ def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
         loss_mean=float(loss.mean()),
         found_in_round={str(int(r)): int((found == r).sum()) for r in np.unique(found)},
         init={str(k): int((init == k).sum()) for k in np.unique(init)},
+        per_dataset=per_dataset(table.column("sample_id").to_pylist(), np.asarray(valid, bool),
+                                quarantine.column("sample_id").to_pylist(), datasets_of(shards)),
         quarantine_reasons=dict(zip(*np.unique(quarantine.column("reason").to_pylist(), return_counts=True)))
         if len(quarantine) else {},
     )
@@ -272,7 +290,7 @@ def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
 @click.option("--ray-address", default=None, help="Ray cluster address ('auto' inside a cluster); default: a local Ray sized to this machine.")
 @click.option("--batch-size", type=int, help="Samples per SMPLify batch in an actor.")
 @click.option("--num-actors", type=int, help="Actor pool size (default: one per core or GPU).")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver: lm (fast) or adam (SPIN's).")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver: lm (fast) or adam (SPIN's).")
 @click.option("--force", is_flag=True, help="Redo the round even if it finished.")
 def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_actors, solver, force):
     """One SMPLify fit round over the sample shards, on Ray.
@@ -281,12 +299,8 @@ def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_ac
     quarantines samples that cannot be fitted with a reason, then RUN/round=N/fits/_SUCCESS.json.
     A killed round resumes where it stopped; a finished one is a no-op without --force.
     """
-    from pipeline.rounds import resolve_config
-
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
                                                "fit.num_actors": num_actors, "fit.solver": solver})
     summary = fit_round(run, round_index, config, ray_address=ray_address, force=force)
-    state = "already done" if summary.get("skipped") else "done"
-    click.echo(f"fit round {round_index} {state}: {summary.get('rows', 0)} fits, "
-               f"acceptance {summary.get('acceptance_rate', 0):.3f}, quarantined {summary.get('quarantined', 0)}")
+    click.echo(step_line("fit", round_index, summary))

@@ -1,8 +1,16 @@
-"""One Ray session per process: local by default, sized to the machine, quiet; or a cluster."""
+"""One Ray session per process: local by default, sized to the machine; or a cluster. Quiet
+unless `spin-pipeline --verbose`: Ray's INFO logs, its workers' output and Ray Data's progress
+bars reach the console only then (they stay in Ray's session logs either way).
+
+Ray is imported inside the functions: it reads part of its environment (RAY_DEDUP_LOGS) at
+import, which `ensure_ray` sets first, and commands that never fit need not load it.
+"""
 from __future__ import annotations
 
 import logging
 import os
+
+from pipeline.console import is_verbose
 
 LOCAL = ("", "local", None)
 
@@ -13,15 +21,18 @@ def ensure_ray(address: str | None = None, progress: bool = True) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     import ray
 
+    verbose = is_verbose()
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     if not ray.is_initialized():
         if address in LOCAL:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level=logging.WARNING, configure_logging=True)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
+                     **quiet)
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, **quiet)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete in order: deterministic, streaming commits
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = progress and verbose  # else the fit stage's own bar, by shard
+    ctx.enable_operator_progress_bars = progress and verbose
     ctx.print_on_execution_start = False
 
 

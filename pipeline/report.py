@@ -42,6 +42,36 @@ def round_table(results: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The per-round numbers that `compare` and the demo table show."""
+    reg, fits = metrics.get("regressor", {}), metrics.get("fits", {})
+    out = {
+        "fit_acceptance": fits.get("acceptance_rate"), "fit_pa_mpjpe": fits.get("pa_mpjpe"),
+        "fit_mpjpe": fits.get("mpjpe"), "reg_mpjpe": reg.get("mpjpe"), "reg_pa_mpjpe": reg.get("pa_mpjpe"),
+        "rounds_done": metrics.get("round", 0) + 1,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def step_line(step: str, round_index: int, summary: dict[str, Any]) -> str:
+    """One line for a finished step (fit, train or eval), from its summary."""
+    head = f"{step} round {round_index}"
+    if summary.get("skipped"):
+        return f"{head}: already done"
+    if step == "fit":
+        return (f"{head}: {summary.get('rows', 0)} fits, acceptance {summary.get('acceptance_rate', 0.0):.3f}, "
+                f"{summary.get('quarantined', 0)} quarantined ({summary.get('seconds', 0):.0f} s)")
+    if step == "train":
+        loss = summary.get("final_losses", {}).get("loss", float("nan"))
+        return (f"{head}: {summary.get('trained_steps', 0)} steps, loss {loss:.4g}, "
+                f"{summary.get('images_per_s', 0.0):.1f} samples/s ({summary.get('seconds', 0):.0f} s)")
+    parts = [f"{name} {value:.1f} mm" for name, value in (
+        ("regressor PA-MPJPE", _get(summary, ("regressor", "pa_mpjpe"))),
+        ("regressor MPJPE", _get(summary, ("regressor", "mpjpe"))),
+        ("fits PA-MPJPE", _get(summary, ("fits", "pa_mpjpe")))) if value is not None]
+    return f"{head}: " + (", ".join(parts) or "done")
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     return json.dumps(metrics, indent=2, sort_keys=True, default=float)
 
@@ -52,7 +82,7 @@ def metrics_by_round(run: Path) -> list[dict[str, Any]]:
 
 def plot_metrics_by_round(rows: list[dict[str, Any]], out_png: Path) -> Path:
     """PA-MPJPE of fits and regressor, and fit acceptance, by round."""
-    import matplotlib
+    import matplotlib  # here: seconds to import, and the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

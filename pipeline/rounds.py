@@ -8,114 +8,86 @@ import time
 from typing import Any
 
 import click
-import yaml
 
 from fitting.errors import BadInput
+from fitting.solvers import SOLVERS
 from pipeline import rundir
-from pipeline.config import RunConfig, apply_overrides, load_config, save_config
+from pipeline.config import (
+    RunConfig,
+    data_dir,
+    load_run_body_model,
+    load_run_prior,
+    resolve_config,
+    run_models,
+    run_params,
+)
+from pipeline.evaluation import check_evaluation, evaluate_round
+from pipeline.fit_stage import fit_round
+from pipeline.report import format_metrics, headline, round_table, step_line
 from pipeline.tracking import Tracker
-from trainer import storage
-from trainer.storage import Location
-
-
-def read_config(path: str | Location) -> RunConfig:
-    """A run YAML from a local path or a URI."""
-    path = storage.location(path)
-    if not storage.is_uri(path):
-        return load_config(path)
-    if not storage.is_file(path):
-        raise BadInput(f"config not found: {path}")
-    try:
-        data = yaml.safe_load(storage.read_text(path)) or {}
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
-    return RunConfig.from_dict(data)
-
-
-def write_config(config: RunConfig, path: Location) -> None:
-    if storage.is_uri(path):
-        storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    else:
-        save_config(config, path)
-
-
-def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml.
-    RUN, the data directory and FILE may be URIs."""
-    saved = storage.join(run, "config.yaml")
-    if config_path:
-        base = read_config(config_path)
-    elif storage.exists(saved):
-        base = read_config(saved)
-    else:
-        base = RunConfig()
-    config = apply_overrides(base, overrides)
-    if config.data and not storage.is_dir(config.data):
-        raise BadInput(f"data directory not found: {config.data}")
-    write_config(config, saved)
-    return config
-
-
-def train_config_for(config: RunConfig):
-    from trainer.train import TRAIN_PRESETS, TrainConfig
-
-    if config.train_preset not in TRAIN_PRESETS:
-        raise BadInput(f"unknown train preset '{config.train_preset}'; choose from {sorted(TRAIN_PRESETS)}")
-    preset = TRAIN_PRESETS[config.train_preset]
-    merged = {**preset, **config.train}
-    for group in ("weights", "augment"):  # a run's own loss weight keeps the preset's others
-        if isinstance(preset.get(group), dict) and isinstance(config.train.get(group), dict):
-            merged[group] = {**preset[group], **config.train[group]}
-    merged.setdefault("seed", config.seed)
-    return TrainConfig.from_dict(merged)
-
-
-def data_dir(config: RunConfig, split: str) -> Location:
-    if not config.data:
-        raise BadInput("no data directory: pass --data DIR or set `data` in the config")
-    path = storage.join(config.data, split)
-    return path if storage.is_dir(path) else storage.location(config.data)
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.data.datasets import rows_per_dataset
+from trainer.data.tables import shard_paths
+from trainer.dataset import mixing_probabilities
+from trainer.train import train_regressor
+from trainer.train_config import TRAIN_PRESETS
 
 
 def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                 force: bool = False) -> dict[str, Any]:
-    from pipeline.fit_stage import read_fits
-    from trainer.train import train_regressor
-
     out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
     if rundir.is_done(run, round_index, "model") and not force:
         return {**rundir.read_success(run, round_index, "model"), "skipped": True}
     rundir.clear_success(run, round_index, "model")
-    fits = read_fits(run, round_index)
-    train_config = train_config_for(config)
-    init = None
-    if round_index > 0:
-        if not rundir.is_done(run, round_index - 1, "model"):
-            raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
-        init = storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
-    child = tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict()}) if tracker else None
+    fits = rundir.read_fits(run, round_index)
+    train_config = config.training
+    models = run_models(config)
+    init = start_of(run, round_index, config)
+    child = (tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict(), "models": models})
+             if tracker else None)
     log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if tracker else None
     summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
-                              init_checkpoint=init, log_metrics=log)
-    summary = {**summary, "round": round_index}
+                              load_run_body_model(models), init_from=init, prior=load_run_prior(models),
+                              log_metrics=log, mix=config.mix)
+    summary = {**summary, "round": round_index, "models": models}
     rundir.publish(out_dir, run, round_index, "model", ["checkpoint.pt"])  # before _SUCCESS.json
     rundir.mark_done(run, round_index, "model", summary)
     if tracker:
+        # which weights the backbone started from (ImageNet or SPIN file, and its hash), and the mixing
+        tracker.log_params(child, {"backbone_weights": summary["backbone_weights"], "mix": config.mix})
         tracker.log_dict(child, summary, "summary.json")
         tracker.finish(child)
     return summary
 
 
+def start_of(run: Location, round_index: int, config: RunConfig) -> str | None:
+    """Where regressor N starts: regressor N-1 (N >= 1), else the run's `init_from` (SPIN's
+    checkpoint as 'spin:FILE', or a checkpoint of this project), else the backbone's weights."""
+    if round_index == 0:
+        return config.init_from or None
+    if not rundir.is_done(run, round_index - 1, "model"):
+        raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
+    return str(storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt")))
+
+
+def check_mix(config: RunConfig) -> dict[str, float]:
+    """The mixing probabilities of the run's training data (one column per shard read), so that a
+    `mix` that does not fit the data stops a run before any work."""
+    counts = rows_per_dataset(shard_paths(config.data, "train"))
+    return mixing_probabilities(counts, config.mix)
+
+
 def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                force: bool = False) -> dict[str, Any]:
     """Regressor N and fits N against ground truth; writes metrics and overlay pictures."""
-    from pipeline.evaluation import evaluate_round
-
     if rundir.is_done(run, round_index, "eval") and not force:
         return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
     out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
-    child = tracker.child(f"eval-round{round_index}", {"round": round_index}) if tracker else None
-    metrics = evaluate_round(run, round_index, config, out_dir)
+    models = run_models(config)
+    check_evaluation(config, models)
+    child = tracker.child(f"eval-round{round_index}", {"round": round_index, "models": models}) if tracker else None
+    metrics = evaluate_round(run, round_index, config, models, out_dir)
     rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
     rundir.mark_done(run, round_index, "eval", metrics)
     if tracker:
@@ -127,38 +99,34 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
     return metrics
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """The per-round numbers that `compare` and the demo table show."""
-    reg, fits = metrics.get("regressor", {}), metrics.get("fits", {})
-    out = {
-        "fit_acceptance": fits.get("acceptance_rate"), "fit_pa_mpjpe": fits.get("pa_mpjpe"),
-        "fit_mpjpe": fits.get("mpjpe"), "reg_mpjpe": reg.get("mpjpe"), "reg_pa_mpjpe": reg.get("pa_mpjpe"),
-        "rounds_done": metrics.get("round", 0) + 1,
-    }
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
-    """Fit and train (and evaluate) round after round, skipping finished steps."""
-    from pipeline.fit_stage import fit_round
-
+    """Fit and train (and evaluate) round after round, skipping finished steps; one line per step."""
+    if config.mix:
+        check_mix(config)
+    models = run_models(config)
+    check_evaluation(config, models)  # a test split the body model cannot score fails here, not after round 0
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
-                                 params=config.to_dict())
+                                 params=run_params(config))
     results = []
     for r in range(rounds):
         start = time.perf_counter()
-        fit_summary = rundir.read_success(run, r, "fits") if rundir.is_done(run, r, "fits") and not force else None
-        if fit_summary is None:
-            child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__})
+        if rundir.is_done(run, r, "fits") and not force:
+            fit_summary = rundir.read_success(run, r, "fits")
+            click.echo(step_line("fit", r, {"skipped": True}))
+        else:
+            child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__, "models": models})
             fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress)
             tracker.log_metrics(child, fit_summary, step=r)
             tracker.log_dict(child, fit_summary, "fits_success.json")
             tracker.finish(child)
+            click.echo(step_line("fit", r, fit_summary))
         train_summary = train_round(run, r, config, tracker, force=force)
+        click.echo(step_line("train", r, train_summary))
         row = {"round": r, "fit": fit_summary, "train": train_summary}
         if config.evaluate:
             row["eval"] = eval_round(run, r, config, tracker, force=force)
+            click.echo(step_line("eval", r, row["eval"]))
         row["seconds"] = round(time.perf_counter() - start, 1)
         results.append(row)
     tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
@@ -181,41 +149,43 @@ def common_options(func):
 @click.command("train")
 @click.option("--round", "round_index", type=int, required=True, help="Train regressor N on round N's best fits.")
 @common_options
-@click.option("--preset", help="Trainer preset (tiny, small, paper).")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
 @click.option("--steps", type=int, help="Training steps (overrides the preset).")
 @click.option("--device", help="cpu, cuda or auto.")
+@click.option("--init-from", help="Where regressor 0 starts: spin:FILE (SPIN's model_checkpoint.pt) or a checkpoint.")
 @click.option("--force", is_flag=True, help="Retrain even if regressor N exists.")
-def train(round_index, data, run_dir, config_path, preset, steps, device, force):
-    """Train regressor N on RUN/round=N/fits, warm-starting from regressor N-1.
+def train(round_index, data, run_dir, config_path, preset, steps, device, init_from, force):
+    """Train regressor N on RUN/round=N/fits, warm-starting from regressor N-1 (regressor 0 from
+    --init-from, e.g. spin:data/model_checkpoint.pt, else from the backbone's ImageNet weights).
 
     Writes RUN/round=N/model/checkpoint.pt and _SUCCESS.json; resumes from its last checkpoint.
     """
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
-                                               "train.device": device})
+                                               "train.device": device, "init_from": init_from})
     if not rundir.is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
-    tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
+    tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=run_params(config))
     summary = train_round(run, round_index, config, tracker, force=force)
-    click.echo(f"train round {round_index} {'already done' if summary.get('skipped') else 'done'}: "
-               f"{storage.join(rundir.step_dir(run, round_index, 'model'), 'checkpoint.pt')}")
+    checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
+    click.echo(f"{step_line('train', round_index, summary)}: {checkpoint}")
 
 
 @click.command("run")
 @click.option("--rounds", type=int, help="Number of fit/train rounds (default: the config's, 3).")
 @common_options
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
-@click.option("--preset", help="Trainer preset (tiny, small, paper).")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver.")
+@click.option("--init-from", help="Where regressor 0 starts: spin:FILE (SPIN's model_checkpoint.pt) or a checkpoint.")
 @click.option("--force", is_flag=True, help="Redo every step, even finished ones.")
-def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
+def run(rounds, data, run_dir, config_path, ray_address, preset, solver, init_from, force):
     """The alternating driver: fit 0, train 0, eval 0, fit 1, ... Resumes at the first step without
     _SUCCESS.json; logs a parent MLflow run with a child per step."""
     path = storage.location(run_dir)
     config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
-                                                "fit.solver": solver})
+                                                "fit.solver": solver, "init_from": init_from})
     results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
-    from pipeline.report import round_table
     click.echo(round_table(results))
 
 
@@ -230,5 +200,4 @@ def evaluate(round_index, data, run_dir, config_path, force):
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data})
     metrics = eval_round(run, round_index, config, None, force=force)
-    from pipeline.report import format_metrics
     click.echo(format_metrics(metrics))

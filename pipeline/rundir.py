@@ -2,14 +2,16 @@
 
     RUN/config.yaml                      the resolved configuration
     RUN/round=N/fits/part-XXXXX.parquet  best fits after round N, one file per input shard
+                                         (named as the shard: <dataset>-part-XXXXX.parquet)
     RUN/round=N/fits/quarantine/...      samples that could not be fitted, with reasons
     RUN/round=N/fits/_SUCCESS.json       written last
     RUN/round=N/model/checkpoint.pt      regressor N
     RUN/round=N/model/_SUCCESS.json
     RUN/round=N/eval/_SUCCESS.json       metrics of regressor N and fits N on the test split
+    RUN/logs/ray.log                     what Ray printed during the fit rounds (without --verbose)
 
 A step is done when its _SUCCESS.json exists; readers ignore a round without one.
-RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.storage.
+RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.data.storage.
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from fitting.errors import BadInput
-from trainer import storage
-from trainer.storage import Location
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, is_shard, read_table
 
 STEPS = ("fits", "model", "eval")
 SUCCESS = "_SUCCESS.json"
@@ -47,6 +52,11 @@ def publish(staging: Path, run: Location, round_index: int, step: str, names: li
     target = step_dir(run, round_index, step)
     for name in names:
         storage.upload(staging / name, storage.join(target, name))
+
+
+def ray_log(run: Location) -> Path:
+    """RUN/logs/ray.log, or a local stand-in for a run on an object store."""
+    return storage.staging_dir(storage.join(run, "logs")) / "ray.log"
 
 
 def is_done(run: Location, round_index: int, step: str) -> bool:
@@ -101,3 +111,22 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{version}+{sha}" if sha else version
+
+
+def committed_shards(out_dir: Location) -> list[str]:
+    """Names of the shards whose fits file exists (a finished shard)."""
+    return [storage.basename(p) for p in storage.list_dir(out_dir) if is_shard(storage.basename(p))]
+
+
+def read_fits(run: Location, round_index: int) -> pa.Table:
+    """The best-fit table of a finished round (all shards)."""
+    if not is_done(run, round_index, "fits"):
+        raise BadInput(f"round {round_index} has no finished fits in {run}")
+    out_dir = step_dir(run, round_index, "fits")
+    paths = [p for p in storage.list_dir(out_dir) if is_shard(storage.basename(p))]
+    return concat([read_table(p, FITS_SCHEMA) for p in paths], FITS_SCHEMA)
+
+
+def read_quarantine(out_dir: Location) -> pa.Table:
+    paths = [p for p in storage.list_dir(storage.join(out_dir, "quarantine")) if str(p).endswith(".parquet")]
+    return concat([read_table(p, QUARANTINE_SCHEMA) for p in paths], QUARANTINE_SCHEMA)

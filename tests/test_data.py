@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 import torch
 
+from fitting.errors import BadInput
 from fitting.keypoints import GT24, KEYPOINT_NAMES, NUM_KEYPOINTS
 from pipeline.cli import main
-from trainer.samples import (
+from trainer.data.samples import (
     crop_square,
     decode_image,
     encode_image,
@@ -22,9 +23,11 @@ from trainer.samples import (
     transform_points,
     validate_samples,
 )
-from trainer.tables import (
+from trainer.data.tables import (
+    FITS_SCHEMA,
     QUARANTINE_SCHEMA,
     SAMPLES_SCHEMA,
+    fits_table,
     make_table,
     read_table,
     shard_paths,
@@ -33,6 +36,22 @@ from trainer.tables import (
 )
 
 RNG = np.random.default_rng(7)
+
+
+def test_fits_rows_have_one_builder():
+    table = fits_table(["a", "b"], pose=np.ones((2, 72)), betas=0.0, cam_t=[0.0, 0.0, 50.0], loss=[1.0, np.inf],
+                       joint_loss=0.5, valid=[True, False], betas_ok=True, found_in_round=3, init="network",
+                       iterations=[4, 0])
+    assert table.schema == FITS_SCHEMA and table.column("sample_id").to_pylist() == ["a", "b"]
+    assert to_numpy(table, "cam_t").tolist() == [[0.0, 0.0, 50.0]] * 2 and to_numpy(table, "joint_loss").shape == (2, 49)
+    assert table.column("found_in_round").to_pylist() == [3, 3] and table.column("init").to_pylist() == ["network"] * 2
+    assert table.column("valid").to_pylist() == [True, False] and np.isinf(to_numpy(table, "loss")[1])
+    with pytest.raises(BadInput, match=r"missing \['iterations'\], unknown \['iteration'\]"):
+        fits_table(["a"], pose=0.0, betas=0.0, cam_t=0.0, loss=0.0, joint_loss=0.0, valid=True, betas_ok=True,
+                   found_in_round=0, init="gt", iteration=0)
+    with pytest.raises(ValueError):
+        fits_table(["a", "b"], pose=np.ones((3, 72)), betas=0.0, cam_t=0.0, loss=0.0, joint_loss=0.0, valid=True,
+                   betas_ok=True, found_in_round=0, init="gt", iterations=0)
 
 
 def _image(h=64, w=64, seed=0):
@@ -170,7 +189,7 @@ def _spin_dataset(root: Path):
         "imgname": np.array(names), "center": np.tile([100.0, 80.0], (n, 1)), "scale": np.full(n, 0.8),
         "part": part, "openpose": openpose, "S": RNG.normal(size=(n, 24, 4)),
         "pose": RNG.normal(size=(n, 72)) * 0.1, "shape": RNG.normal(size=(n, 10)),
-        "has_smpl": np.array([1, 0, 1, 1, 1, 1]), "maskname": np.array(["images/mask0.png"] + [""] * (n - 1)),
+        "has_smpl": np.array([1, 0, 1, 1, 1, 0]), "maskname": np.array(["images/mask0.png"] + [""] * (n - 1)),
     }
     np.savez(root / "toy_spin.npz", **arrays)
     return root / "toy_spin.npz", arrays
@@ -185,8 +204,10 @@ def test_ingest_spin_npz(tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["rows"] == 6 and summary["written"] == 2 and summary["quarantined"] == 4
-    table = read_table(shard_paths(out)[0], SAMPLES_SCHEMA)
+    table = read_table(shard_paths(out, "train")[0], SAMPLES_SCHEMA)
     assert table.column("sample_id").to_pylist() == ["toy_spin-000000", "toy_spin-000001"]
+    assert table.column("imgname").to_pylist() == ["images/im0.png", "images/im1.png"]
+    assert table.column("source_row").to_pylist() == [0, 1] and table.column("protocol").to_pylist() == ["lsp14"] * 2
     assert table.column("has_smpl").to_pylist() == [True, False]
     assert np.isnan(to_numpy(table, "pose")[1]).all() and np.isfinite(to_numpy(table, "pose")[0]).all()
     np.testing.assert_allclose(to_numpy(table, "joints3d"), arrays["S"][:2], rtol=1e-6)
@@ -199,7 +220,7 @@ def test_ingest_spin_npz(tmp_path, capsys):
     assert kp[0, 0, 2] == pytest.approx(0.7) and kp[0, 20, 2] == 0.0
     mask = cv2.imdecode(np.frombuffer(table.column("mask")[0].as_py(), np.uint8), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (64, 64) and set(np.unique(mask)) == {0, 255}
-    quarantine = read_table(out / "quarantine.parquet", QUARANTINE_SCHEMA)
+    quarantine = read_table(out / "_quarantine" / "train" / "toy_spin.parquet", QUARANTINE_SCHEMA)
     reasons = dict(zip(quarantine.column("sample_id").to_pylist(), quarantine.column("reason").to_pylist()))
     assert reasons["toy_spin-000002"].startswith("image not found")
     assert "undecodable" in reasons["toy_spin-000003"]
@@ -233,8 +254,8 @@ SMALL = {"num_train": 12, "num_test": 6, "img_size": 64, "shard_size": 5}
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_run import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(SynthConfig.from_preset("tiny", **SMALL), out, workers=1, progress=False)
@@ -242,7 +263,7 @@ def synth_dir(tmp_path_factory):
 
 
 def _posed(scene):
-    from trainer.synth import scene_pose, synth_context
+    from trainer.data.synth import scene_pose, synth_context
 
     ctx = synth_context(None)
     with torch.no_grad():
@@ -253,7 +274,7 @@ def _posed(scene):
 
 def test_upright_person_facing_the_camera_is_pi_about_x():
     from fitting.pose_sampler import archetype_pose
-    from trainer.synth import Scene, scene_pose
+    from trainer.data.synth import Scene, scene_pose
 
     scene = Scene(body_pose=archetype_pose("stand").astype(np.float64), betas=np.zeros(10))
     np.testing.assert_allclose(np.abs(scene_pose(scene)[:3]), [np.pi, 0, 0], atol=1e-6)
@@ -266,8 +287,9 @@ def test_upright_person_facing_the_camera_is_pi_about_x():
 
 def test_wrist_behind_torso_or_occluder_gets_confidence_zero():
     from fitting.pose_sampler import archetype_pose
-    from trainer.synth import Scene, keypoint_visibility, place_and_crop, project, render_body
-    from trainer.synth_scene import annotate_keypoints
+    from fitting.camera import pinhole
+    from trainer.data.synth import Scene, keypoint_visibility, place_and_crop, render_body
+    from trainer.data.synth_scene import annotate_keypoints
 
     size = 128
     wrists = [KEYPOINT_NAMES.index("Right Wrist"), KEYPOINT_NAMES.index("Left Wrist")]
@@ -277,7 +299,7 @@ def test_wrist_behind_torso_or_occluder_gets_confidence_zero():
     cam_t, _, _, focal, pp = place_and_crop(vertices, ctx.dominant, scene, size)
     kp_cam = keypoints + cam_t
     body = render_body(ctx, vertices + cam_t, focal, pp, size, zoom=1)
-    kp_px = project(kp_cam, focal, pp)
+    kp_px = pinhole(kp_cam, focal, pp)
     visible = keypoint_visibility(kp_cam, kp_px, body.depth, body.joints, ctx.own)
     near, far = sorted(wrists, key=lambda k: kp_cam[k, 2])
     assert visible[near] and not visible[far]       # side view: the far wrist is behind the body
@@ -292,7 +314,7 @@ def test_wrist_behind_torso_or_occluder_gets_confidence_zero():
 
 
 def test_synth_truth_reproduces_joints3d_and_labels():
-    from trainer.synth import SynthConfig, render_chunk, synth_context
+    from trainer.data.synth import SynthConfig, render_chunk, synth_context
 
     cfg = SynthConfig.from_preset("tiny", seed=3, img_size=64)
     records = render_chunk(cfg, "test", 0, 4)
@@ -341,8 +363,8 @@ def test_synth_refuses_to_overwrite(synth_dir, capsys):
 
 @pytest.mark.slow
 def test_synth_is_deterministic_across_worker_counts(synth_dir, tmp_path):
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_run import generate
 
     generate(SynthConfig.from_preset("tiny", **SMALL), tmp_path, workers=2, progress=False)
     for split in ("train", "test", "truth"):

@@ -15,8 +15,8 @@ from fitting.geometry import similarity_align
 from fitting.keypoint_body import KeypointBody, rigid_keypoints
 from fitting.keypoints import FIT_IGNORED, GT_TORSO, LSP14, OP_TORSO
 from fitting.objective import body_energy_terms, body_residuals, camera_residuals, fit_confidence, gmof
-from fitting.priors import angle_prior
 from fitting.pose_sampler import sample_body_poses
+from fitting.priors import angle_prior
 from fitting.priors import load_prior
 from fitting.smplify import (
     FitInit,
@@ -220,6 +220,10 @@ def test_adam_keeps_the_best_iterate_per_sample():
     assert (result.energy[:2] < energies[-1][:2]).any()
     assert result.params["x"][2].item() == 0.0          # inactive: untouched
     assert result.iterations.tolist() == [7, 7, 0]
+    # SPIN's own: the last iterate, whatever its energy
+    last = adam(problem, StageConfig("body", iterations=7, lr=3.0, options={"last_iterate": 1}))
+    torch.testing.assert_close(last.params["x"][:2], trajectory[-1][:2])
+    torch.testing.assert_close(last.energy[:2], energies[-1][:2])
 
 
 def test_a_registered_solver_is_used_by_name(model, prior):

@@ -16,9 +16,10 @@ from fitting.errors import BadInput
 from fitting.keypoints import VERTEX_JOINT_NAMES
 from fitting.priors import GMMPrior
 from tests.toy_body import make_toy_smpl
-from trainer.samples import encode_image
-from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards
-from trainer.train import TRAIN_PRESETS, TrainConfig, load_regressor, predict, train_regressor
+from trainer.data.samples import encode_image
+from trainer.data.tables import SAMPLES_SCHEMA, fits_table, make_table, write_shards
+from trainer.train import load_regressor, predict, train_regressor
+from trainer.train_config import TRAIN_PRESETS, TrainConfig
 
 torch.set_num_threads(1)
 
@@ -52,10 +53,8 @@ def make_samples(body: BodyModel, n: int, seed: int = 0, size: int = 64) -> tupl
     samples = make_table({"sample_id": ids, "dataset": ["toy"] * n, "image": images,
                           "center": np.full((n, 2), size / 2), "scale": np.full(n, size / 200),
                           "keypoints": keypoints, "has_smpl": [False] * n}, SAMPLES_SCHEMA)
-    fits = make_table({"sample_id": ids, "pose": pose, "betas": betas, "cam_t": cam_t,
-                       "loss": np.ones(n), "joint_loss": np.zeros((n, 49)), "valid": [True] * n,
-                       "betas_ok": [True] * n, "found_in_round": np.zeros(n, np.int32),
-                       "init": ["mean"] * n, "iterations": np.full(n, 10, np.int32)}, FITS_SCHEMA)
+    fits = fits_table(ids, pose=pose, betas=betas, cam_t=cam_t, loss=1.0, joint_loss=0.0, valid=True, betas_ok=True,
+                      found_in_round=0, init="mean", iterations=10)
     return samples, fits
 
 
@@ -77,9 +76,9 @@ def _config(**overrides) -> TrainConfig:
 
 
 def test_config_rejects_unknown_keys_and_round_trips():
-    with pytest.raises(BadInput, match="unknown training settings"):
+    with pytest.raises(BadInput, match=r"^train: unknown key 'bakbone' \(known: backbone, "):
         TrainConfig.from_dict({"bakbone": "small"})
-    with pytest.raises(BadInput, match="unknown loss weights"):
+    with pytest.raises(BadInput, match=r"^train\.weights: unknown key 'keypoint' \(known: keypoints, "):
         TrainConfig.from_dict({"weights": {"keypoint": 5}})
     with pytest.raises(BadInput, match="backbone"):
         TrainConfig.from_dict({"backbone": "vgg"})
@@ -159,11 +158,11 @@ def test_warm_start_and_predict(body, data, tmp_path):
     train_regressor(_config(steps=2), [root], fits, tmp_path / "r0", body_model=body)
     first = load_regressor(tmp_path / "r0" / "checkpoint.pt")
     summary = train_regressor(_config(steps=2, seed=1), [root], fits, tmp_path / "r1", body_model=body,
-                              init_checkpoint=tmp_path / "r0" / "checkpoint.pt")
-    assert summary["warm_start"].endswith("checkpoint.pt")
+                              init_from=tmp_path / "r0" / "checkpoint.pt")
+    assert summary["init_from"].endswith("checkpoint.pt")
     with pytest.raises(BadInput, match="cannot warm-start"):
         train_regressor(_config(steps=2, backbone="resnet18"), [root], fits, tmp_path / "r2", body_model=body,
-                        init_checkpoint=tmp_path / "r0" / "checkpoint.pt")
+                        init_from=tmp_path / "r0" / "checkpoint.pt")
 
     samples, _ = make_samples(body, 3, seed=5)
     images = samples.column("image").to_pylist()
@@ -214,7 +213,7 @@ def test_gradient_norm_is_logged_and_clipped(body, data, tmp_path):
                     log_metrics=lambda m, step: logged.update(m))
     assert logged["train/grad_norm"] > 0
     config = _config(grad_clip=1e-3)
-    regressor = _build_regressor(config, None)
+    regressor, _ = _build_regressor(config, None)
     batch = next(iter(make_loader(SamplesDataset(read_samples([root]), fits, config.img_res), batch_size=4)))
     values = _train_step(regressor, torch.optim.Adam(regressor.parameters(), lr=1e-4), batch, body, config, None, 0)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in regressor.parameters() if p.grad is not None]))

@@ -13,41 +13,32 @@ Scale changes only the image (the regressor's camera absorbs it).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import roma
+import torch
 
 from fitting.errors import BadInput
 from fitting.keypoints import FLIP_PERM, GT24, SMPL_FLIP_PERM
+from fitting.settings import Settings
 
 # flip permutation of the 24 ground-truth joints (joints3d rows), from the 49-keypoint one
 GT24_FLIP_PERM: tuple[int, ...] = tuple(FLIP_PERM[k] - GT24[0] for k in GT24)
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Settings):
     """SPIN's defaults: flip with p 0.5; rotation N(0, 30 deg) clipped at 2 sigma, applied with
     p 0.4; scale N(1, 0.25) clipped to [0.75, 1.25]; colour scale U(0.6, 1.4) per channel."""
+    SECTION = "augment"
+
     flip_prob: float = 0.5
     rot_factor: float = 30.0
     rot_prob: float = 0.4
     scale_factor: float = 0.25
     noise_factor: float = 0.4
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "AugmentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BadInput(f"unknown augmentation settings {sorted(unknown)} (known: {sorted(known)})")
-        try:
-            return cls(**{k: float(v) for k, v in values.items()})
-        except (TypeError, ValueError) as exc:
-            raise BadInput(f"augmentation settings: {exc}") from exc
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -72,17 +63,14 @@ def sample_params(rng: np.random.Generator, config: AugmentConfig) -> AugParams:
     return AugParams(flip=flip, rot=rot, scale=scale, pn=pn)
 
 
-def rotation_2d(degrees: float) -> np.ndarray:
-    """(2, 2) rotation in image axes (x right, y down)."""
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    return np.array([[c, -s], [s, c]])
-
-
 def rotation_z(degrees: float) -> np.ndarray:
-    """(3, 3) rotation about the optical axis; projects to `rotation_2d(degrees)`."""
-    out = np.eye(3)
-    out[:2, :2] = rotation_2d(degrees)
-    return out
+    """(3, 3) rotation about the optical axis (z forward, x right, y down)."""
+    return roma.rotvec_to_rotmat(torch.tensor([0.0, 0.0, math.radians(degrees)], dtype=torch.float64)).numpy()
+
+
+def rotation_2d(degrees: float) -> np.ndarray:
+    """(2, 2) rotation in image axes (x right, y down): `rotation_z` as the image sees it."""
+    return rotation_z(degrees)[:2, :2]
 
 
 def _crop_matrix(params: AugParams, size: int, img_res: int) -> np.ndarray:
@@ -147,8 +135,8 @@ def flip_pose(pose: np.ndarray) -> np.ndarray:
 def rotate_global_orient(pose: np.ndarray, degrees: float) -> np.ndarray:
     """(72,) pose with its global orientation turned by Rz(degrees) in the camera frame."""
     out = np.array(pose, dtype=np.float64, copy=True)
-    orient, _ = cv2.Rodrigues(out[:3].reshape(3, 1))
-    out[:3] = cv2.Rodrigues(rotation_z(degrees) @ orient)[0].reshape(3)
+    orient = roma.rotvec_to_rotmat(torch.from_numpy(out[:3]))
+    out[:3] = roma.rotmat_to_rotvec(torch.from_numpy(rotation_z(degrees)) @ orient).numpy()
     return out.astype(pose.dtype)
 
 

@@ -17,7 +17,7 @@ weight, that weight only sets the balance between the 2D term and the fits' pose
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -26,6 +26,7 @@ from fitting.errors import BadInput
 from fitting.geometry import pose_to_rotmat, rotmat_to_pose
 from fitting.keypoints import GT24, OP25
 from fitting.priors import angle_prior, shape_prior
+from fitting.settings import Settings
 from trainer.model import RegressorOutput, cam_translation
 
 MODES = ("fits", "2d")
@@ -33,37 +34,26 @@ _SMPLIFY_TO_NORMALIZED = 1.0 / (98 * 112.0 ** 2)
 
 
 @dataclass
-class LossWeights:
-    keypoints: float = 5.0
-    keypoints_3d: float = 5.0
-    pose: float = 1.0
-    betas: float = 0.001
-    vertices: float = 0.0
-    cam: float = 1.0
-    scale: float = 60.0
+class LossWeights(Settings):
+    SECTION = "weights"
+
+    keypoints: float = 5.0       # 2D reprojection of the 49 keypoints
+    keypoints_3d: float = 5.0    # 3D joints, where a sample has them
+    pose: float = 1.0            # SMPL rotation matrices of the valid fits
+    betas: float = 0.001         # shape of the valid fits
+    vertices: float = 0.0        # L1 on the mesh (SPIN trains without it)
+    cam: float = 1.0             # keeps the weak-perspective scale positive
+    scale: float = 60.0          # on the weighted sum, as SPIN scales its loss
     openpose: float = 0.0        # confidence factor of the OpenPose block (SPIN trains on the GT block)
     gt_keypoints: float = 1.0    # confidence factor of the ground-truth block
     pose_prior: float = 4.78 ** 2 * _SMPLIFY_TO_NORMALIZED   # 2D-only mode, times `keypoints`
     angle_prior: float = 15.2 ** 2 * _SMPLIFY_TO_NORMALIZED
     shape_prior: float = 5.0 ** 2 * _SMPLIFY_TO_NORMALIZED
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "LossWeights":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BadInput(f"unknown loss weights {sorted(unknown)} (known: {sorted(known)})")
-        try:
-            weights = cls(**{k: float(v) for k, v in values.items()})
-        except (TypeError, ValueError) as exc:
-            raise BadInput(f"loss weights: {exc}") from exc
-        negative = [k for k, v in asdict(weights).items() if v < 0]
+    def __post_init__(self) -> None:
+        negative = [k for k, v in asdict(self).items() if v < 0]
         if negative:
             raise BadInput(f"loss weights must be >= 0: {negative}")
-        return weights
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -139,7 +129,7 @@ def compute_losses(
 ) -> LossResult:
     """All of SPIN's terms for one batch (see the module docstring).
 
-    batch: keypoints (B, 49, 3), pose (B, 72), betas (B, 10), pose_valid (B,), betas_valid (B,),
+    batch: keypoints (B, 49, 3), pose (B, 72), betas (B, 10), fit_valid (B,), betas_ok (B,),
     joints3d (B, 24, 4), has_joints3d (B,), usable (B,), as `trainer.dataset` serves them.
     """
     if mode not in MODES:
@@ -149,26 +139,32 @@ def compute_losses(
     pred_2d = project_keypoints(body.keypoints, out.cam)
     per_joint = keypoint_loss(pred_2d, batch["keypoints"], weights.openpose, weights.gt_keypoints)
 
-    pose_mask = batch["pose_valid"].bool() & usable
+    # SPIN's shape guard, as its train/trainer.py does it: a fit with any |beta| > 3 gets the mean
+    # shape (0) as its betas target; its pose, and its vertices (from its own betas), still
+    # supervise when the fit is valid. An invalid fit supervises none of them. (The keypoint
+    # losses use the dataset's labels, not the fit, and apply to every sample; SPIN puts no loss
+    # on a fit's joints, so neither does this.)
+    fit_mask = batch["fit_valid"].bool() & usable
+    betas_target = torch.where(batch["betas_ok"].bool()[:, None], batch["betas"], torch.zeros_like(batch["betas"]))
     terms = {
         "keypoints": per_joint.mean(dim=-1),
         "keypoints_3d": keypoint_3d_loss(body.keypoints[:, list(GT24)], batch["joints3d"]),
         "pose": pose_loss(out.rotmat, pose_to_rotmat(batch["pose"])),
-        "betas": betas_loss(out.betas, batch["betas"]),
+        "betas": betas_loss(out.betas, betas_target),
         "cam": camera_loss(out.cam),
     }
     masks = {
         "keypoints": usable,
         "keypoints_3d": batch["has_joints3d"].bool() & usable,
-        "pose": pose_mask,
-        "betas": batch["betas_valid"].bool() & usable,
+        "pose": fit_mask,
+        "betas": fit_mask,
         "cam": usable,
     }
     if weights.vertices > 0:
         with torch.no_grad():
             target = body_model(batch["pose"], batch["betas"]).vertices
         terms["vertices"] = vertex_loss(body.vertices, target)
-        masks["vertices"] = pose_mask
+        masks["vertices"] = fit_mask
     if mode == "2d":
         if prior is None:
             raise BadInput("the 2D-only mode needs a pose prior")

@@ -8,121 +8,43 @@ values, so they load with torch.load(weights_only=True); the regressor's configu
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from fitting.body_model import BodyModel
 from fitting.errors import BadInput
-from trainer.augment import AugmentConfig
-from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
-from trainer.losses import MODES, LossWeights, compute_losses
+from fitting.priors import GMMPrior
+from trainer.data.storage import atomic_local
+from trainer.data.tables import SAMPLES_SCHEMA, conform
+from trainer.dataset import (
+    MixedBatchSampler,
+    SamplesDataset,
+    StepBatchSampler,
+    make_loader,
+    mixing_probabilities,
+    read_samples,
+)
+from trainer.losses import compute_losses
 from trainer.mean_params import load_mean_params
-from trainer.model import BACKBONES, Regressor, axis_angle_pose, cam_translation, normalize_images
-from trainer.storage import atomic_local
-from trainer.tables import SAMPLES_SCHEMA, conform
+from trainer.model import (
+    Regressor,
+    axis_angle_pose,
+    cam_translation,
+    load_spin_weights,
+    normalize_images,
+    weights_record,
+)
+from trainer.train_config import TrainConfig
 
 CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
 # settings that may change between a run and its resumption
 _RESUMABLE = frozenset({"steps", "num_workers", "device", "log_every", "checkpoint_every", "threads"})
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = "small"
-    backbone_weights: str = "auto"   # 'auto' (torchvision's cache, never downloads), 'none', or a path
-    img_res: int = 128
-    batch_size: int = 64
-    lr: float = 5e-5
-    steps: int = 1000
-    num_workers: int = 2
-    mode: str = "fits"               # 'fits' (SPIN) or '2d' (keypoints and priors only)
-    weights: LossWeights = field(default_factory=LossWeights)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    use_augmentation: bool = True
-    mean_params: str | None = None   # a smpl_mean_params.npz; None = built-in
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 500
-    log_every: int = 10
-    threads: int = 0                 # torch intra-op threads; 0 = torch's default
-    grad_clip: float = 100.0         # max global gradient norm (0: off): caps the step one bad batch can take
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(values) - set(known)
-        if unknown:
-            raise BadInput(f"unknown training settings {sorted(unknown)} (known: {sorted(known)})")
-        kwargs: dict[str, Any] = {}
-        for name, value in values.items():
-            if name == "weights":
-                kwargs[name] = value if isinstance(value, LossWeights) else LossWeights.from_dict(dict(value or {}))
-            elif name == "augment":
-                kwargs[name] = value if isinstance(value, AugmentConfig) else AugmentConfig.from_dict(dict(value or {}))
-            else:
-                kwargs[name] = _coerce(name, value, cls.__dataclass_fields__[name].default)
-        config = cls(**kwargs)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise BadInput(f"unknown backbone '{self.backbone}' (choose from {', '.join(BACKBONES)})")
-        if self.mode not in MODES:
-            raise BadInput(f"unknown training mode '{self.mode}' (choose from {', '.join(MODES)})")
-        for name in ("img_res", "batch_size", "steps", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"training setting '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.img_res < 32:
-            raise BadInput(f"img_res must be >= 32, got {self.img_res}")
-        if self.num_workers < 0 or self.threads < 0:
-            raise BadInput("num_workers and threads must be >= 0")
-        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
-            raise BadInput(f"grad_clip must be a finite number >= 0, got {self.grad_clip}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise BadInput(f"lr must be a positive number, got {self.lr}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Config values from YAML or the command line, typed like the defaults."""
-    if value is None or default is None:
-        return value
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        return type(default)(value)
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"training setting '{name}': cannot read {value!r} as {type(default).__name__}") from exc
-
-
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # tests and CI: seconds
-    "tiny": {"backbone": "small", "img_res": 64, "batch_size": 8, "lr": 3e-4, "steps": 12,
-             "num_workers": 0, "checkpoint_every": 6, "log_every": 2, "backbone_weights": "none"},
-    # the demo and the ablation on a 2-core CPU: minutes. A tenth of SPIN's keypoint weight: a
-    # network trained from scratch for minutes matches the 2D keypoints with implausible 3D poses
-    # before it learns to read them, and at weight 5 scores worse than the mean pose. The loss is
-    # then about a tenth as large, and so is the gradient clip (at 100 the camera scale could
-    # turn negative and the loss diverge)
-    "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 500,
-              "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none",
-              "weights": {"keypoints": 0.5}, "grad_clip": 10.0},
-    # the paper: ResNet-50 (ImageNet weights where cached), 224 px, batch 64, Adam 5e-5
-    "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
-              "num_workers": 8, "checkpoint_every": 1000, "log_every": 50, "backbone_weights": "auto"},
-}
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -131,9 +53,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise BadInput(f"unknown device '{name}'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():  # never a silent fall back to the CPU
+        raise BadInput(f"device '{name}': no CUDA device is visible to torch (use --device cpu or auto)")
+    return device
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
@@ -188,17 +113,40 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _build_regressor(config: TrainConfig, init_checkpoint: Path | None) -> Regressor:
-    if init_checkpoint is None:
-        return Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
-                         backbone_weights=config.backbone_weights)
-    payload = read_checkpoint(init_checkpoint)
+SPIN_PREFIX = "spin:"
+
+
+def parse_init(init_from: str | Path | None) -> tuple[str, Path | None]:
+    """('fresh' | 'spin' | 'checkpoint', path) from a start: None, 'spin:PATH' (SPIN's released
+    checkpoint) or the path of one of this project's checkpoints."""
+    if init_from in (None, ""):
+        return "fresh", None
+    text = str(init_from)
+    if text.startswith(SPIN_PREFIX):
+        return "spin", Path(text[len(SPIN_PREFIX):])
+    return "checkpoint", Path(text)
+
+
+def _build_regressor(config: TrainConfig, init_from: str | Path | None) -> tuple[Regressor, dict[str, str]]:
+    """The regressor to train and the record of the weights its backbone started from (carried
+    along warm starts, so the last round still names the ImageNet or SPIN file)."""
+    kind, path = parse_init(init_from)
+    if kind == "fresh":
+        regressor = Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
+                              backbone_weights=config.backbone_weights)
+        return regressor, regressor.backbone_weights
+    if kind == "spin":
+        # every weight comes from SPIN's file, its mean parameters included: the ImageNet file is not needed
+        regressor = Regressor(config.backbone, config.img_res, mean_params=_zero_mean_params(), backbone_weights="none")
+        load_spin_weights(regressor, path)
+        return regressor, weights_record(path, "spin")
+    payload = read_checkpoint(path)
     if payload["regressor"].get("backbone") != config.backbone:
-        raise BadInput(f"{init_checkpoint}: a {payload['regressor'].get('backbone')} regressor cannot warm-start "
+        raise BadInput(f"{path}: a {payload['regressor'].get('backbone')} regressor cannot warm-start "
                        f"a {config.backbone} one")
-    regressor = regressor_from_payload(payload, str(init_checkpoint))
+    regressor = regressor_from_payload(payload, str(path))
     regressor.img_res = regressor.config["img_res"] = config.img_res  # the network is resolution-independent
-    return regressor
+    return regressor, payload.get("backbone_weights", weights_record(None, "random"))
 
 
 class _Meter:
@@ -246,11 +194,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _resume(last: Path, config: TrainConfig, regressor: Regressor, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> int:
+def _resume(last: Path, config: TrainConfig, mix: dict[str, float], regressor: Regressor,
+            optimizer: torch.optim.Optimizer, device: torch.device) -> int:
     """Load last.pt into the regressor, the optimizer and the RNG; returns its step."""
     state = read_checkpoint(last, device)
-    if _comparable(state["train_config"]) != _comparable(config.to_dict()):
+    if _comparable(state["train_config"]) != _comparable(config.to_dict()) or state.get("mix", {}) != mix:
         raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
     regressor.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -263,16 +211,23 @@ def train_regressor(
     samples_dirs: list[Path],
     fits: pa.Table | None,
     out_dir: Path,
-    init_checkpoint: Path | None = None,
-    body_model: torch.nn.Module | None = None,
-    prior: torch.nn.Module | None = None,
+    body_model: BodyModel,
+    init_from: str | Path | None = None,
+    prior: GMMPrior | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    mix: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Train for `config.steps` steps; see the module docstring.
+    """Train for `config.steps` steps; see the module docstring. The body model (and, in the 2D
+    mode, the pose prior) are the caller's: a run passes its configured ones, never a default.
 
+    init_from: None (the backbone's configured weights), a checkpoint of this project to
+    warm-start from, or 'spin:PATH', SPIN's released checkpoint. mix: sampling weights per
+    dataset (`trainer.dataset.mixing_probabilities`); None or empty draws every row alike.
     log_metrics(metrics, step) gets train/<term> means every `log_every` steps (and at the end)
     and epoch/<term> means when an epoch ends. Returns a summary: steps, seconds, images_per_s,
-    final_losses (the last logging window), sample counts, backbone weights, device."""
+    final_losses (the last logging window), sample counts and draws per dataset, the weights the
+    backbone started from (file and SHA-256), device, and the body model and prior it used
+    (`loaded`: path and sha256 of each)."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if config.mode == "fits" and fits is None:
         raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
@@ -284,33 +239,40 @@ def train_regressor(
 
     dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
                              augment=config.augment if config.use_augmentation else None, seed=config.seed)
-    if body_model is None:
-        from fitting.body_model import load_body_model
-        body_model = load_body_model()
-    body_model = body_model.to(device)
     if config.mode == "2d" and prior is None:
-        from fitting.priors import load_prior
-        prior = load_prior()
-    prior = prior.to(device) if prior is not None else None
+        raise BadInput("the 2D-only mode needs the run's pose prior")
+    body_model = body_model.to(device)
+    prior = prior.to(device) if prior is not None and config.mode == "2d" else None
 
-    regressor = _build_regressor(config, Path(init_checkpoint) if init_checkpoint else None).to(device)
+    regressor, started_from = _build_regressor(config, init_from)
+    regressor = regressor.to(device)
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
     last = out_dir / "last.pt"
-    start = _resume(last, config, regressor, optimizer, device) if last.is_file() else 0
+    mix = dict(mix or {})
+    start = _resume(last, config, mix, regressor, optimizer, device) if last.is_file() else 0
 
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
+    names, counts = np.unique(dataset.datasets, return_counts=True)
+    probabilities = mixing_probabilities(dict(zip(names.tolist(), counts.tolist())), mix)
+    if mix:
+        rows = {name: np.flatnonzero(dataset.datasets == name) for name in names.tolist()}
+        sampler = MixedBatchSampler(rows, probabilities, config.batch_size, config.seed, start, config.steps)
+    else:
+        sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
     loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    drawn = np.zeros(len(dataset), np.int64)
     regressor.train()
     meter = _Meter()
     images, started, step = 0, time.perf_counter(), start
-    with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step") as bar:
+    # a bar on a terminal only (disable=None): logs and pipes get the summary instead
+    with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step", leave=False) as bar:
         for batch in loader:
             values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
+            np.add.at(drawn, batch["row"].numpy(), 1)
             step += 1
             images += len(batch["image"])
             meter.add(values)
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4g}")
+            bar.set_postfix_str(f"loss {values['loss']:.4g}, {images / max(time.perf_counter() - started, 1e-9):.1f} samples/s")
             done = step == config.steps
             if step % config.log_every == 0 or done:
                 if log_metrics:
@@ -323,18 +285,25 @@ def train_regressor(
                     log_metrics({**meter.means(meter.epoch, "epoch/"), "epoch": float(sampler.epoch_of(step - 1))}, step)
                 meter.epoch = {}
             if step % config.checkpoint_every == 0 and not done:
-                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state()), last)
+                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state(),
+                                         mix=mix, backbone_weights=started_from), last)
     seconds = time.perf_counter() - started
     summary = {
         "steps": step, "trained_steps": step - start, "resumed_from": start or None,
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
         "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
-        "fitted_samples": int(dataset.targets["pose_valid"].sum()),
-        "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
-        "warm_start": str(init_checkpoint) if init_checkpoint else None, "device": str(device), "mode": config.mode,
+        "fitted_samples": int(dataset.targets["fit_valid"].sum()),
+        "backbone": config.backbone, "backbone_weights": started_from,
+        "init_from": str(init_from) if init_from else None, "device": str(device), "mode": config.mode,
+        "datasets": {name: {"samples": int(n), "probability": round(probabilities[name], 6),
+                            "drawn": int(drawn[dataset.datasets == name].sum())}
+                     for name, n in zip(names.tolist(), counts.tolist())},
+        "mix": mix,
+        "loaded": {"body_model": body_model.identity, **({"prior": prior.identity} if prior is not None else {})},
     }
-    save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary), out_dir / "checkpoint.pt")
+    save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary, backbone_weights=started_from),
+                    out_dir / "checkpoint.pt")
     if last.exists():
         last.unlink()
     return summary

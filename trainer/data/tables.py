@@ -9,14 +9,15 @@ then a confidence (0 where absent).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+import re
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from fitting.errors import BadInput
 from fitting.keypoints import NUM_KEYPOINTS
-from trainer import storage
+from trainer.data import storage
 
 
 def _fixed(n: int) -> pa.DataType:
@@ -38,6 +39,10 @@ ARRAY_COLUMNS = frozenset(ARRAY_SHAPES)
 SAMPLES_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("dataset", pa.string(), nullable=False),
+    pa.field("imgname", pa.string()),        # the image as its source names it (relative to its root)
+    pa.field("source_row", pa.int64()),      # the person's row in the source file (SPIN's row order)
+    pa.field("protocol", pa.string()),       # evaluation protocol (trainer.data.protocols); null: from the dataset
+    pa.field("gender", pa.string()),         # 'm' / 'f' where the source says (3DPW), else null
     pa.field("image", pa.binary()),          # encoded square crop (JPEG/PNG); null when image_uri is set
     pa.field("image_uri", pa.string()),      # alternative to bytes
     pa.field("center", _fixed(2)),           # crop centre in the source image, pixels
@@ -48,8 +53,10 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("betas", _fixed(10)),
     pa.field("joints3d", _fixed(24 * 4)),    # 24 ground-truth joints in metres + confidence
     pa.field("mask", pa.binary()),           # encoded PNG foreground mask (evaluation sets)
-    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation, 0 = background
+    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation (UP-3D's labels), 0 = background
 ])
+# Masks are of the stored crop, except for datasets whose protocol scores segmentation on the full
+# original image (SPIN's LSP): there they are the source's full-image PNGs, as they came.
 
 FITS_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
@@ -67,11 +74,15 @@ FITS_SCHEMA = pa.schema([
 
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string()),
-    pa.field("source", pa.string()),   # shard, file or step it came from
+    pa.field("source", pa.string()),   # the image, shard, file or step it came from
     pa.field("reason", pa.string(), nullable=False),
 ])
 
 INIT_KINDS = ("mean", "network", "gt")
+# numpy type of each fits column (the array columns' shapes are in ARRAY_SHAPES)
+_FITS_DTYPES = {"sample_id": object, "pose": np.float32, "betas": np.float32, "cam_t": np.float32,
+                "loss": np.float32, "joint_loss": np.float32, "valid": bool, "betas_ok": bool,
+                "found_in_round": np.int32, "init": object, "iterations": np.int32}
 
 
 def _nulls(n: int, type_: pa.DataType) -> pa.Array:
@@ -108,6 +119,27 @@ def make_table(columns: dict[str, object], schema: pa.Schema) -> pa.Table:
             raise BadInput(f"column '{field.name}' is required")
         arrays.append(_column_array(values, field, n))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def fits_columns(sample_id: Sequence[str], **columns: Any) -> dict[str, np.ndarray]:
+    """The columns of n fits, in FITS_SCHEMA's order, each a new numpy array of the schema's type:
+    pose (n, 72), betas (n, 10), cam_t (n, 3), loss (n,), joint_loss (n, 49), valid (n,),
+    betas_ok (n,), found_in_round (n,), init (n,) of INIT_KINDS, iterations (n,). A value given
+    for one row (a round, an init kind, a constant) stands for every row."""
+    expected = set(FITS_SCHEMA.names) - {"sample_id"}
+    if set(columns) != expected:
+        raise BadInput(f"fits columns: missing {sorted(expected - set(columns))}, unknown {sorted(set(columns) - expected)}")
+    n = len(sample_id)
+    out = {"sample_id": np.asarray(list(sample_id), dtype=object)}
+    for name in FITS_SCHEMA.names[1:]:
+        shape = (n, *ARRAY_SHAPES.get(name, ()))
+        out[name] = np.broadcast_to(np.asarray(columns[name], dtype=_FITS_DTYPES[name]), shape).copy()
+    return out
+
+
+def fits_table(sample_id: Sequence[str], **columns: Any) -> pa.Table:
+    """A fits table (FITS_SCHEMA) from the columns of `fits_columns`."""
+    return make_table(fits_columns(sample_id, **columns), FITS_SCHEMA)
 
 
 def to_numpy(table: pa.Table, name: str) -> np.ndarray:
@@ -165,28 +197,51 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def shard_paths(directory: str | os.PathLike, split: str | None = None) -> list[storage.Location]:
-    """The finished parquet shards of a samples directory (temporary files ignored), sorted:
-    Paths for a local directory, URIs for a remote one.
+# A shard's file name: part-00000.parquet, or <dataset>-part-00000.parquet where several datasets
+# share a folder. Readers take only files named so: a quarantine table or anything else beside
+# the shards is never read as samples.
+SHARD_NAME = re.compile(r"^(?:(?P<dataset>.+)-)?part-(?P<index>[0-9]+)\.parquet$")
 
-    With `split`, the shards of DIR/split/ (the synthetic benchmark writes train/ and test/)."""
+
+def shard_name(index: int, dataset: str | None = None) -> str:
+    """The file name of shard `index` (of `dataset`, when a folder holds several)."""
+    return f"{dataset}-part-{index:05d}.parquet" if dataset else f"part-{index:05d}.parquet"
+
+
+def is_shard(name: str) -> bool:
+    return SHARD_NAME.match(name) is not None
+
+
+def shard_paths(directory: str | os.PathLike, split: str | None = None) -> list[storage.Location]:
+    """The finished parquet shards of a samples directory, sorted: Paths for a local directory,
+    URIs for a remote one. Only shard names count (`SHARD_NAME`); temporary files, quarantine
+    tables and sub-folders are not shards.
+
+    With `split`, the shards of DIR/split/ (a data root holds train/ and test/)."""
     directory = storage.location(directory)
     if split is not None and storage.is_dir(storage.join(directory, split)):
         directory = storage.join(directory, split)
     if not storage.is_dir(directory):
         raise BadInput(f"data directory not found: {directory}")
-    paths = [p for p in storage.list_dir(directory) if storage.basename(p).endswith(".parquet")]
+    paths = [p for p in storage.list_dir(directory) if is_shard(storage.basename(p))]
     if not paths:
         raise BadInput(f"no parquet shards in {directory}")
     return paths
 
 
+def read_split(directory: str | os.PathLike, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All sample shards of DIR/split (or DIR, see `shard_paths`) as one SAMPLES_SCHEMA table;
+    with `columns`, only those."""
+    table = concat([read_table(p, SAMPLES_SCHEMA) for p in shard_paths(directory, split)], SAMPLES_SCHEMA)
+    return table.select(columns) if columns else table
+
+
 def write_shards(table: pa.Table, directory: str | os.PathLike, shard_size: int,
-                 prefix: str = "part") -> list[storage.Location]:
-    """Split `table` into shards of at most `shard_size` rows: DIR/part-00000.parquet, ..."""
+                 dataset: str | None = None) -> list[storage.Location]:
+    """Split `table` into shards of at most `shard_size` rows named by `shard_name`."""
     paths = []
     for index, start in enumerate(range(0, max(len(table), 1), shard_size)):
-        path = storage.join(directory, f"{prefix}-{index:05d}.parquet")
+        path = storage.join(directory, shard_name(index, dataset))
         write_table(table.slice(start, shard_size), path)
         paths.append(path)
     return paths
