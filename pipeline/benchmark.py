@@ -38,6 +38,8 @@ PRESETS: dict[str, BenchmarkPreset] = {
     # five minutes on a 2-core CPU, generation included: half the ablation's people; SMPLify's
     # three rounds over them and the regressor's steps take most of it
     "keypoints": BenchmarkPreset("keypoints", "keypoints", demo_people=10000),
+    # tests and CI: the keypoint path end to end in a minute or two
+    "tiny-keypoints": BenchmarkPreset("tiny-keypoints", "keypoints", demo_steps=20),
 }
 
 
@@ -49,7 +51,7 @@ def preset_for(backbone: str | None, preset: str | None, image_default: str = "s
     """The preset a command runs: the one asked for, else the keypoint benchmark for the keypoint
     regressor and `image_default` for an image backbone. BadInput for an image backbone on a
     benchmark whose train split has no images, before any work."""
-    name = preset or (KEYPOINT_BACKBONE if backbone == KEYPOINT_BACKBONE else image_default)
+    name = preset or ("keypoints" if backbone == KEYPOINT_BACKBONE else image_default)
     if name not in PRESETS:
         raise BadInput(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
     synth = SynthConfig.from_preset(PRESETS[name].synth)

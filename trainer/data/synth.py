@@ -57,6 +57,8 @@ SYNTH_PRESETS: dict[str, dict[str, int]] = {
     # the train split is 2D keypoints only (a tenth of a rendered sample's cost) and ten times as
     # large as small's; the test split is small's, rendered (overlays, segmentation)
     "keypoints": {"num_train": 20000, "num_test": 400, "img_size": 128, "shard_size": 2000, "train_images": False},
+    # tests and CI: the keypoint-only path in seconds
+    "tiny-keypoints": {"num_train": 240, "num_test": 64, "img_size": 96, "shard_size": 120, "train_images": False},
 }
 
 
