@@ -33,15 +33,7 @@ import torch
 from fitting.camera import normalized_to_pixels
 from fitting.smplify import FitInit, fit, mean_init
 from fitting.solvers import SOLVERS
-from pipeline import rundir
-from pipeline.benchmark import (
-    PRESETS,
-    backbone_override,
-    benchmark_config,
-    ensure_benchmark,
-    mean_pose_reference,
-    preset_for,
-)
+from pipeline import benchmark, rundir
 from pipeline.config import (
     RunConfig,
     apply_overrides,
@@ -281,7 +273,7 @@ def run_arm(out: Path, arm: str, config: RunConfig, rounds: int, train_seed: int
 @click.command("ablation")
 @click.option("--backbone", type=click.Choice(BACKBONES),
               help="The regressor (default: the preset's); keypoints picks the keypoints preset unless --preset says.")
-@click.option("--preset", type=click.Choice(list(PRESETS)),
+@click.option("--preset", type=click.Choice(list(benchmark.PRESETS)),
               help="Benchmark and trainer preset (default: keypoints for --backbone keypoints, else small).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="spin-ablation", show_default=True,
               help="Output folder: data/, ARM/seed=S/ per arm and seed, ablation.json/.md, mlflow.db.")
@@ -306,16 +298,16 @@ def ablation(backbone, preset, out_dir, rounds, steps, seed, seeds, solver, ray_
     comparable in OUT/mlflow.db (experiment 'ablation'). Rerunning resumes finished steps."""
     start = time.perf_counter()
     out = Path(out_dir)
-    preset = preset_for(backbone, preset)
+    preset = benchmark.preset_for(backbone, preset)
     train = yaml_settings(train_settings, "--train")
-    overrides = backbone_override(backbone, preset)
-    steps = steps or rounds * train_config(PRESETS[preset].train).steps
+    overrides = benchmark.backbone_override(backbone, preset)
+    steps = steps or rounds * train_config(benchmark.PRESETS[preset].train).steps
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     base = apply_overrides(RunConfig.from_dict({
-        "data": str((out / "data").resolve()), "rounds": rounds, "seed": seed, "train_preset": PRESETS[preset].train,
+        "data": str((out / "data").resolve()), "rounds": rounds, "seed": seed, "train_preset": benchmark.PRESETS[preset].train,
         "train": train, "fit": {"solver": solver or ""}, "tracking": {"experiment": "ablation", "tracking_uri": uri},
     }), overrides)  # read whole, before any work
-    dataset = ensure_benchmark(out / "data", benchmark_config(preset, seed))
+    dataset = benchmark.ensure_benchmark(out / "data", benchmark.benchmark_config(preset, seed))
     train_seeds = [seed + k for k in range(seeds)]
     arms = ("static", "loop", "2d-only") + (("oracle",) if oracle else ())
     by_arm: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
@@ -334,7 +326,7 @@ def ablation(backbone, preset, out_dir, rounds, steps, seed, seeds, solver, ray_
                                        for arm, by_seed in by_arm.items()})
     fits_rounds = [r["fit_pa_mpjpe"] for r in results["arms"]["loop"]["rounds"]]
     results["fits_pa_mpjpe_falls"] = bool(fits_rounds[-1] < fits_rounds[0])
-    results["mean_pose_reference"] = mean_pose_reference(base)
+    results["mean_pose_reference"] = benchmark.mean_pose_reference(base)
     loop_config = arm_config(base, "loop", steps, rounds, train_seeds[0])
     results["init_comparison"] = init_comparison(arm_run(out, "loop", train_seeds[0]), loop_config, rounds - 1)
     results["seconds"] = round(time.perf_counter() - start, 1)
