@@ -1,9 +1,9 @@
 """The keypoint-only train split against the rendered one: the same people through the renderer's
 depth buffer and through the ray cast (`trainer.data.synth_keypoints`), no occluders, and what
-each costs per person; then the time to write a keypoint-only split and a rendered one of the
-same size with the same workers. Prints JSON.
+each costs per person; then the CPU time per person of making keypoint-only and rendered train
+samples (the `keypoints` preset's crop size). Prints JSON.
 
-    python bench/keypoint_split.py [--compare 200] [--num 400] [--workers 2]
+    python bench/keypoint_split.py [--compare 200] [--num 160]
 """
 from __future__ import annotations
 
@@ -12,20 +12,20 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitting.camera import pinhole  # noqa: E402
 from trainer.data.synth import (  # noqa: E402
-    SynthConfig, keypoint_visibility, place_and_crop, posed_people, render_body, synth_context,
+    SynthConfig, keypoint_visibility, place_and_crop, posed_people, render_body, render_chunk, synth_context,
 )
-from trainer.data.synth_keypoints import cast_visibility  # noqa: E402
-from trainer.data.synth_run import generate  # noqa: E402
+from trainer.data.synth_keypoints import cast_visibility, keypoint_chunk  # noqa: E402
+from trainer.data.synth_run import CHUNK  # noqa: E402
 
 
 def compare(num: int, seed: int = 0) -> dict:
@@ -57,28 +57,33 @@ def compare(num: int, seed: int = 0) -> dict:
             "ms_per_person_visibility": {k: round(1000 * v / num, 2) for k, v in seconds.items()}}
 
 
-def split_seconds(num: int, workers: int) -> dict:
-    """Wall seconds to write `num` train people keypoint-only and rendered (no test split)."""
+def chunk_cost(num: int) -> dict:
+    """CPU milliseconds per person (this process, 1 torch thread: the least load-sensitive figure)
+    of making `num` train people keypoint-only and rendered, in chunks as the writer makes them."""
+    torch.set_num_threads(1)
+    cfg = SynthConfig.from_preset("keypoints")
+    keypoint_chunk(cfg, "train", 0, CHUNK)   # the body model and tables, built once per process
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, images in (("keypoints_only", False), ("rendered", True)):
-            cfg = SynthConfig.from_preset("keypoints", num_train=num, num_test=0, train_images=images)
-            summary = generate(cfg, Path(tmp) / name, workers=workers, progress=False)
-            out[name] = {"seconds": summary["seconds"], "people_per_s": summary["samples_per_s"]}
-    out["ratio_rendered_vs_keypoints_only"] = round(out["rendered"]["seconds"] / out["keypoints_only"]["seconds"], 2)
+    for name, make in (("keypoints_only", keypoint_chunk), ("rendered", render_chunk)):
+        cpu, wall = time.process_time(), time.perf_counter()
+        for start in range(0, num, CHUNK):
+            make(cfg, "train", start, min(start + CHUNK, num))
+        out[name] = {"cpu_ms_per_person": round(1000 * (time.process_time() - cpu) / num, 1),
+                     "wall_ms_per_person": round(1000 * (time.perf_counter() - wall) / num, 1)}
+    out["cpu_ratio_rendered_vs_keypoints_only"] = round(out["rendered"]["cpu_ms_per_person"]
+                                                        / out["keypoints_only"]["cpu_ms_per_person"], 2)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", type=int, default=200, help="people whose visibility is compared")
-    parser.add_argument("--num", type=int, default=400, help="people per split in the timing (0: skip it)")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--num", type=int, default=160, help="people of each kind in the cost (0: skip it)")
     args = parser.parse_args()
     result = {"command": "python bench/keypoint_split.py " + " ".join(sys.argv[1:]), "machine": platform.machine(),
               "cpus": os.cpu_count(), "visibility": compare(args.compare)}
     if args.num:
-        result["split"] = {"people": args.num, "workers": args.workers, **split_seconds(args.num, args.workers)}
+        result["cost"] = {"people": args.num, "img_size": SynthConfig.from_preset("keypoints").img_size, **chunk_cost(args.num)}
     print(json.dumps(result, indent=2))
 
 

@@ -54,8 +54,9 @@ SYNTH_PRESETS: dict[str, dict[str, int]] = {
     "small": {"num_train": 2000, "num_test": 400, "img_size": 128, "shard_size": 500},
     "full": {"num_train": 50000, "num_test": 5000, "img_size": 224, "shard_size": 2000},
     # the keypoint regressor's benchmark: SMPLify and a keypoint-input regressor need no pixels, so
-    # the train split is 2D keypoints only (a tenth of a rendered sample's cost) and ten times as
-    # large as small's; the test split is small's, rendered (overlays, segmentation)
+    # the train split is 2D keypoints only (about a third of a rendered sample's CPU time,
+    # bench/keypoint_split.py) and ten times as large as small's; the test split is small's,
+    # rendered (overlays, segmentation)
     "keypoints": {"num_train": 20000, "num_test": 400, "img_size": 128, "shard_size": 2000, "train_images": False},
     # tests and CI: the keypoint-only path in seconds
     "tiny-keypoints": {"num_train": 240, "num_test": 64, "img_size": 96, "shard_size": 120, "train_images": False},

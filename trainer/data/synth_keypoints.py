@@ -7,7 +7,7 @@ the visible triangle that the renderer's depth buffer holds there), its dominant
 the hit triangle's nearest corner (as the renderer labels pixels), and the occluders are the same
 random shapes, as masks without texture. The scene, the crop and the annotation are the rendered
 benchmark's own (`trainer.data.synth`), so both kinds of sample come from one distribution; a
-sample costs about a tenth of a rendered one.
+sample costs about a third of a rendered one's CPU time (bench/keypoint_split.py).
 """
 from __future__ import annotations
 
