@@ -113,3 +113,10 @@ def test_keypoint_only_people_are_the_rendered_benchmarks(keypoint_split):
     assert read_split(rendered, "test").equals(read_split(keypoints, "test"))
     a, b = (to_numpy(read_split(d, "train"), "keypoints")[:, :, 2] > 0 for d in (rendered, keypoints))
     assert (a == b).mean() > 0.8
+
+
+def test_a_contact_sheet_draws_keypoint_only_rows_on_a_blank_crop(keypoint_split):
+    from trainer.data.cli import TILE, contact_sheet
+
+    sheet = contact_sheet(str(keypoint_split / "keypoints"), "train", num=4, columns=4)
+    assert sheet.shape[0] == TILE and sheet.shape[1] >= 4 * TILE
