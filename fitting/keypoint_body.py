@@ -158,11 +158,7 @@ class FastKeypointBody(nn.Module):
         self.register_buffer("keypoint_source", base.keypoint_source)
         parents = [int(p) for p in base.parents]
         self.levels = kinematic_levels(parents)[1:]
-        order = [0] + [j for level in self.levels for j in level]
-        position = {j: i for i, j in enumerate(order)}
         self.level_parents = [[parents[j] for j in level] for level in self.levels]
-        self.parent_positions = [[position[parents[j]] for j in level] for level in self.levels]
-        self.register_buffer("unsort", torch.argsort(torch.tensor(order)))
 
     @property
     def num_pairs(self) -> int:
@@ -170,14 +166,19 @@ class FastKeypointBody(nn.Module):
 
     def global_transforms(self, rot: torch.Tensor, joints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 24, 3, 3) local rotations, (B, 24, 3) rest joints -> (B, 24, 3, 3) global rotations
-        and (B, 24, 3) posed joints, one tree level at a time."""
-        g_rot, g_loc = rot[:, :1], joints[:, :1]
-        for level, parents, at in zip(self.levels, self.level_parents, self.parent_positions):
-            parent_rot = g_rot[:, at]
+        and (B, 24, 3) posed joints, one tree level at a time (each joint's result kept as a
+        slice, joined once at the end)."""
+        g_rot: list[torch.Tensor | None] = [rot[:, :1]] + [None] * (rot.shape[1] - 1)
+        g_loc: list[torch.Tensor | None] = [joints[:, :1]] + [None] * (rot.shape[1] - 1)
+        for level, parents in zip(self.levels, self.level_parents):
+            parent_rot = torch.cat([g_rot[p] for p in parents], dim=1)
+            parent_loc = torch.cat([g_loc[p] for p in parents], dim=1)
             offset = (joints[:, level] - joints[:, parents])[..., None]
-            g_rot = torch.cat([g_rot, parent_rot @ rot[:, level]], dim=1)
-            g_loc = torch.cat([g_loc, g_loc[:, at] + (parent_rot @ offset)[..., 0]], dim=1)
-        return g_rot[:, self.unsort], g_loc[:, self.unsort]
+            level_rot = parent_rot @ rot[:, level]
+            level_loc = parent_loc + (parent_rot @ offset)[..., 0]
+            for i, joint in enumerate(level):
+                g_rot[joint], g_loc[joint] = level_rot[:, i:i + 1], level_loc[:, i:i + 1]
+        return torch.cat(g_rot, dim=1), torch.cat(g_loc, dim=1)
 
     def forward(self, pose: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         batch = pose.shape[0]
@@ -189,6 +190,6 @@ class FastKeypointBody(nn.Module):
         if self.pose_blend:
             eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
             q = q + ((rot[:, 1:] - eye).reshape(batch, -1) @ self.pair_q_pose).reshape(batch, -1, 3)
-        terms = (g_rot[:, self.pair_j] @ q[..., None])[..., 0] + self.pair_c * trans[:, self.pair_j]
+        terms = (g_rot.index_select(1, self.pair_j) @ q[..., None])[..., 0] + self.pair_c * trans.index_select(1, self.pair_j)
         virtual = terms.new_zeros(batch, self.num_virtual, 3).index_add(1, self.pair_m, terms)
-        return torch.cat([g_loc, virtual], dim=1)[:, self.keypoint_source]
+        return torch.cat([g_loc, virtual], dim=1).index_select(1, self.keypoint_source)

@@ -225,3 +225,26 @@ def test_ablation_runs_comparable_arms_over_seeds(tmp_path):
     experiment = client.get_experiment_by_name("ablation")
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
     assert {f"{arm} seed {s}" for arm in ("2d-only", "static", "loop", "oracle") for s in (0, 1)} <= names
+
+
+@pytest.mark.slow
+def test_keypoints_regressor_initializes_the_next_fit_round(tiny_benchmark, tmp_path):
+    """Two rounds with `train_preset: keypoints`: round 1's fits start from round 0's keypoint
+    regressor, the best fit never gets worse, and the regressor is evaluated and drawn."""
+    from pipeline.rounds import run_pipeline
+
+    run = tmp_path / "run"
+    config = config_for(tiny_benchmark, train_preset="keypoints",
+                        train={"steps": 20, "batch_size": 16, "threads": 1, "checkpoint_every": 10})
+    results = run_pipeline(run, config, rounds=2, progress=False)
+    round0, round1 = read_fits(run, 0), read_fits(run, 1)
+    loss0 = dict(zip(round0.column("sample_id").to_pylist(), to_numpy(round0, "loss")))
+    loss1 = dict(zip(round1.column("sample_id").to_pylist(), to_numpy(round1, "loss")))
+    assert all(loss1[i] <= loss0[i] + 1e-4 for i in loss0)
+    init = np.asarray(round1.column("init").to_pylist())
+    found = to_numpy(round1, "found_in_round")
+    assert (found == 1).any() and np.all((found == 1) == (init == "network"))
+    model = rundir.read_success(run, 0, "model")
+    assert model["backbone"] == "keypoints" and model["input"] == "keypoints" and model["loss_body"] == "FastKeypointBody"
+    assert results[1]["eval"]["regressor"]["pa_mpjpe"] > 0
+    assert (rundir.step_dir(run, 1, "eval") / "regressor_overlays.png").stat().st_size > 1000

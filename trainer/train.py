@@ -189,7 +189,7 @@ def autocast(config: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+def train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                 body_model: torch.nn.Module, config: TrainConfig, prior: torch.nn.Module | None, step: int) -> dict[str, float]:
     """One optimizer step; returns the total, each term's batch value and the gradient norm
     (before clipping)."""
@@ -302,7 +302,7 @@ def train_regressor(
     # a bar on a terminal only (disable=None): logs and pipes get the summary instead
     with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step", leave=False) as bar:
         for batch in loader:
-            values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
+            values = train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
             np.add.at(drawn, batch["row"].numpy(), 1)
             step += 1
             images += len(batch["row"])

@@ -84,9 +84,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
               "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none",
               "weights": {"keypoints": 0.5}, "grad_clip": 10.0},
     # 2D keypoints in, no pixels: a small MLP encoder into a narrow head, trained on whole
-    # batches of keypoints (see trainer.keypoint_batches). Adam 1e-3 decayed to 0 (cosine) over
-    # ~38 epochs of 20k people: enough for the head to learn its labels, where a constant rate
-    # of 1e-3 leaves it noisy. Dropout 0: the input is 147 numbers, the network is small.
+    # batches of keypoints (trainer.dataset.KeypointBatches). Adam 1e-3 decayed to 0 (cosine)
+    # over ~38 epochs of 20k people: enough for the head to learn its labels, where a constant
+    # rate of 1e-3 leaves it noisy. Dropout 0: the input is 147 numbers, the network is small.
+    # bf16 autocast halves the CPU time of the network and scored no worse (ground-truth labels,
+    # 4500 steps: 71.9 mm against 76.1 in float32).
     "keypoints": {"backbone": "keypoints", "backbone_weights": "none", "batch_size": 512, "lr": 1e-3,
                   "schedule": "cosine", "steps": 1500, "num_workers": 0, "checkpoint_every": 500, "log_every": 50,
                   "head_hidden": 256, "head_dropout": 0.0, "encoder_width": 256, "autocast": "bf16",
