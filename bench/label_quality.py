@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fitting.body_model import load_body_model  # noqa: E402
 from fitting.errors import BadInput  # noqa: E402
 from pipeline import rundir  # noqa: E402
-from pipeline.ablation import truth_table  # noqa: E402
+from pipeline.ablation import arm_run, truth_table  # noqa: E402
 from pipeline.config import yaml_settings  # noqa: E402
 from pipeline.rundir import read_fits  # noqa: E402
 from trainer.data.tables import SAMPLES_SCHEMA, read_split, write_shards  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000, help="training steps per label source (default 3000)")
     parser.add_argument("--labels", default="fits0,fits_last,truth", help="label sources, comma-separated (default all three)")
     parser.add_argument("--preset", default="small", choices=sorted(TRAIN_PRESETS), help="training preset (default small)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed, and the loop run's whose fits are read (default 0)")
     parser.add_argument("--train-images", type=int, default=400, help="train images scored against their truth")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting on top of the preset, as the ablation's --train, e.g. "
@@ -63,10 +63,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    data, loop = args.ablation / "data", args.ablation / "loop"
+    data, loop = args.ablation / "data", arm_run(args.ablation, "loop", args.seed)
     finished = rundir.finished_rounds(loop, "fits") if loop.is_dir() else []
     if not finished or not (data / "train").is_dir():
-        parser.error(f"{args.ablation} has no data/train or no finished loop/round=N/fits: run the ablation first")
+        parser.error(f"{args.ablation} has no data/train or no finished loop/seed={args.seed}/round=N/fits: "
+                     "run the ablation first")
     try:
         overrides = yaml_settings(tuple(args.train), "--train")
     except BadInput as exc:

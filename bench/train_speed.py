@@ -6,8 +6,16 @@ Prints JSON: per backbone the median train-step time and images/s, the loader's 
 (>= 1 means the loader keeps up). Without --data it makes JPEG crops of the synthetic preset's
 size in a temporary folder.
 
+The keypoints backbone has no loader: its rows are the whole training step as the trainer takes
+it (gather and augment a batch of keypoints, forward, SPIN's losses, backward, Adam), on random
+keypoints and fits, per batch size: samples/s (wall, median step), samples per CPU-second of this
+process (less sensitive to other tenants), with the `keypoints` preset's settings and, as the
+baseline measured in the same run, the same step without bf16 autocast and with the losses posing
+the whole mesh (`mesh_body`).
+
     python bench/train_speed.py [--data DIR] [--backbones small,resnet18,resnet50] [--out FILE]
     python bench/train_speed.py --device cuda --batch-size 64 --workers 8   # a GPU machine
+    python bench/train_speed.py --backbones keypoints --kp-batches 512,2048 --threads 2
 """
 from __future__ import annotations
 
@@ -32,8 +40,11 @@ from trainer.augment import AugmentConfig  # noqa: E402
 from trainer.data.samples import encode_image  # noqa: E402
 from trainer.data.tables import SAMPLES_SCHEMA, fits_table, make_table, write_shards  # noqa: E402
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples  # noqa: E402
-from trainer.losses import LossWeights, compute_losses  # noqa: E402
+from trainer.dataset import KeypointBatches  # noqa: E402
+from trainer.losses import LossWeights, compute_losses, loss_body  # noqa: E402
 from trainer.model import Regressor, normalize_images  # noqa: E402
+from trainer.train import _build_regressor, train_step  # noqa: E402
+from trainer.train_config import train_config  # noqa: E402
 
 # backbone -> (input resolution, batch size, stored crop size, loader workers): the presets' choices
 SETUPS = {
@@ -101,10 +112,72 @@ def train_rate(backbone: str, img_res: int, batch: dict, body, steps: int,
     return statistics.median(times[1:]), times[1:]
 
 
+def keypoint_data(n: int, seed: int = 0) -> tuple[object, object]:
+    """A keypoint-only samples table (no images) of n rows and fits for all of them."""
+    rng = np.random.default_rng(seed)
+    keypoints = np.concatenate([rng.uniform(-0.8, 0.8, (n, 49, 2)), rng.uniform(size=(n, 49, 1)) > 0.1], axis=2)
+    ids = [f"kp-{i}" for i in range(n)]
+    samples = make_table({"sample_id": ids, "dataset": ["bench"] * n, "keypoints": keypoints,
+                          "has_smpl": [False] * n}, SAMPLES_SCHEMA)
+    pose = rng.normal(scale=0.2, size=(n, 72))
+    pose[:, 0] += np.pi
+    fits = fits_table(ids, pose=pose, betas=rng.normal(size=(n, 10)), cam_t=[0.0, 0.0, 50.0], loss=1.0,
+                      joint_loss=0.0, valid=True, betas_ok=True, found_in_round=0, init="mean", iterations=0)
+    return samples, fits
+
+
+def keypoint_rate(body, batch_size: int, steps: int, device: torch.device, autocast: str = "bf16",
+                  mesh_body: bool = False) -> dict:
+    """The trainer's keypoint step (`KeypointBatches.batch` + `train_step`) with the keypoints
+    preset at `batch_size`: median wall seconds per step and samples per CPU-second."""
+    config = train_config("keypoints", {"batch_size": batch_size, "autocast": autocast, "device": str(device)})
+    samples, fits = keypoint_data(batch_size * 4)
+    dataset = SamplesDataset(samples, fits, augment=config.augment, seed=0)
+    batches = KeypointBatches(dataset, config.augment, seed=0)
+    torch.manual_seed(0)
+    regressor = _build_regressor(config, None)[0].to(device).train()
+    optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
+    losses_body = body if mesh_body else loss_body(body, config.weights)
+    sampler = StepBatchSampler(len(dataset), batch_size, 0, 0, steps + 2)
+    times, cpu = [], 0.0
+    for step, keys in enumerate(sampler):
+        sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        batch = {k: v.to(device) for k, v in batches.batch(keys, step).items()}
+        train_step(regressor, optimizer, batch, losses_body, config, None, step)
+        sync(device)
+        if step >= 2:  # after two warm-up steps
+            times.append(time.perf_counter() - start)
+            cpu += time.process_time() - cpu_start
+    median = statistics.median(times)
+    return {"backbone": "keypoints", "batch_size": batch_size, "autocast": autocast,
+            "loss_body": type(losses_body).__name__, "threads": torch.get_num_threads(),
+            "train_step_s_median": round(median, 4), "train_step_s": [round(t, 4) for t in times],
+            "train_samples_per_s": round(batch_size / median, 1),
+            "train_samples_per_s_best": round(batch_size / min(times), 1),
+            "train_samples_per_cpu_s": round(batch_size * len(times) / cpu, 1)}
+
+
+def keypoint_results(body, batch_sizes: list[int], steps: int, device: torch.device) -> list[dict]:
+    """Per batch size, the preset's step and the baseline (float32, mesh body), with the ratio."""
+    results = []
+    for batch_size in batch_sizes:
+        preset = keypoint_rate(body, batch_size, steps, device)
+        baseline = keypoint_rate(body, batch_size, max(3, steps // 5), device, autocast="none", mesh_body=True)
+        preset["baseline"] = baseline
+        preset["vs_baseline"] = round(preset["train_samples_per_s"] / baseline["train_samples_per_s"], 2)
+        preset["vs_baseline_cpu"] = round(preset["train_samples_per_cpu_s"] / baseline["train_samples_per_cpu_s"], 2)
+        results.append(preset)
+        print(json.dumps({k: v for k, v in preset.items() if k not in ("train_step_s", "baseline")}), file=sys.stderr)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, help="a samples directory (DIR or DIR/train); default: generated")
-    parser.add_argument("--backbones", default="small,resnet18,resnet50")
+    parser.add_argument("--backbones", default="small,resnet18,resnet50,keypoints")
+    parser.add_argument("--kp-batches", default="512,2048", help="batch sizes of the keypoints backbone")
+    parser.add_argument("--kp-steps", type=int, default=20, help="timed train steps per keypoints batch size")
     parser.add_argument("--steps", type=int, default=3, help="timed train steps per backbone")
     parser.add_argument("--loader-batches", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -128,6 +201,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in args.backbones.split(","):
+            if backbone == "keypoints":
+                results += keypoint_results(body, [int(b) for b in args.kp_batches.split(",")], args.kp_steps, device)
+                continue
             img_res, batch_size, crop, workers = SETUPS[backbone]
             batch_size, workers = args.batch_size or batch_size, args.workers or workers
             n = batch_size * (args.loader_batches + 1)

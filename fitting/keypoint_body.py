@@ -123,3 +123,93 @@ def rigid_keypoints(body: KeypointBody, body_pose: torch.Tensor, betas: torch.Te
         rot = batch_rodrigues(global_orient)
         return torch.einsum("bij,bkj->bki", rot, part_local) + part_anchor
     return keypoints
+
+
+def kinematic_levels(parents: list[int]) -> list[list[int]]:
+    """Joints grouped by depth in the kinematic tree, root (depth 0) first."""
+    depth = [0] * len(parents)
+    for joint in range(1, len(parents)):
+        depth[joint] = depth[parents[joint]] + 1
+    return [[j for j in range(len(parents)) if depth[j] == d] for d in range(max(depth) + 1)]
+
+
+class FastKeypointBody(nn.Module):
+    """KeypointBody's 49 keypoints without skinning any vertex: for large training batches.
+
+    A keypoint made from vertices is a fixed linear combination of them (one vertex, or a row of
+    the extra regressor), k_m = sum_s M_ms v_s, and linear blend skinning is linear in the joint
+    transforms, v_s = sum_j w_sj (R_j (p_s - J_j) + g_j), with R_j, g_j joint j's global rotation
+    and posed position, J_j its rest position and p_s the shaped, pose-blended rest vertex. So
+        k_m = sum_j [R_j Q_mj + c_mj (g_j - R_j J_j)],   c_mj = sum_s M_ms w_sj,
+        Q_mj = sum_s M_ms w_sj p_s   (linear in the betas and in the pose-blend features),
+    and only the (keypoint, joint) pairs with a nonzero c or Q count: a few per keypoint with
+    hard skinning weights, every joint with soft ones; pose blend shapes and soft weights are
+    represented exactly either way. The kinematic chain runs one tree level at a time.
+
+    forward(pose (B, 72) axis-angle or (B, 24, 3, 3), betas (B, 10)) -> (B, 49, 3), the same as
+    KeypointBody (to float rounding)."""
+
+    def __init__(self, model: BodyModel):
+        super().__init__()
+        base = KeypointBody(model)
+        support = base.num_support
+        select = torch.cat([nn.functional.one_hot(base.vertex_rows, support).to(base.extra.dtype), base.extra])  # (M, S)
+        mixed = select[:, :, None] * base.lbs_weights[None]                          # (M, S, 24)
+        c = mixed.sum(dim=1)                                                          # (M, 24)
+        q_template = torch.einsum("msj,sc->mjc", mixed, base.v_template)              # (M, 24, 3)
+        q_shape = torch.einsum("msj,scl->mjcl", mixed, base.shapedirs)                # (M, 24, 3, 10)
+        posedirs = base.posedirs.reshape(-1, support, 3)                              # (207, S, 3)
+        self.pose_blend = bool(posedirs.abs().max() > 0)  # the built-in model has none: skip the product
+        q_pose = torch.einsum("msj,qsc->mjcq", mixed, posedirs) if self.pose_blend else None
+        used = (c != 0) | (q_template != 0).any(-1) | (q_shape != 0).flatten(2).any(-1)
+        if q_pose is not None:
+            used |= (q_pose != 0).flatten(2).any(-1)
+        pair_m, pair_j = torch.nonzero(used, as_tuple=True)
+        self.num_virtual = select.shape[0]
+        self.register_buffer("pair_m", pair_m)
+        self.register_buffer("pair_j", pair_j)
+        self.register_buffer("pair_c", c[pair_m, pair_j][:, None])                                     # (P, 1)
+        self.register_buffer("pair_q", q_template[pair_m, pair_j])                                     # (P, 3)
+        self.register_buffer("pair_q_shape", q_shape[pair_m, pair_j].permute(2, 0, 1).flatten(1))     # (10, P*3)
+        self.register_buffer("pair_q_pose", q_pose[pair_m, pair_j].permute(2, 0, 1).flatten(1)
+                             if q_pose is not None else torch.zeros(0))                               # (207, P*3)
+        self.register_buffer("joint_template", base.joint_template)
+        self.register_buffer("joint_shapedirs", base.joint_shapedirs)
+        self.register_buffer("keypoint_source", base.keypoint_source)
+        parents = [int(p) for p in base.parents]
+        self.levels = kinematic_levels(parents)[1:]
+        self.level_parents = [[parents[j] for j in level] for level in self.levels]
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pair_m.numel())
+
+    def global_transforms(self, rot: torch.Tensor, joints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 24, 3, 3) local rotations, (B, 24, 3) rest joints -> (B, 24, 3, 3) global rotations
+        and (B, 24, 3) posed joints, one tree level at a time (each joint's result kept as a
+        slice, joined once at the end)."""
+        g_rot: list[torch.Tensor | None] = [rot[:, :1]] + [None] * (rot.shape[1] - 1)
+        g_loc: list[torch.Tensor | None] = [joints[:, :1]] + [None] * (rot.shape[1] - 1)
+        for level, parents in zip(self.levels, self.level_parents):
+            parent_rot = torch.cat([g_rot[p] for p in parents], dim=1)
+            parent_loc = torch.cat([g_loc[p] for p in parents], dim=1)
+            offset = (joints[:, level] - joints[:, parents])[..., None]
+            level_rot = parent_rot @ rot[:, level]
+            level_loc = parent_loc + (parent_rot @ offset)[..., 0]
+            for i, joint in enumerate(level):
+                g_rot[joint], g_loc[joint] = level_rot[:, i:i + 1], level_loc[:, i:i + 1]
+        return torch.cat(g_rot, dim=1), torch.cat(g_loc, dim=1)
+
+    def forward(self, pose: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+        batch = pose.shape[0]
+        rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(batch, NUM_JOINTS, 3, 3) if pose.ndim == 2 else pose
+        joints = self.joint_template + torch.einsum("bl,jcl->bjc", betas, self.joint_shapedirs)
+        g_rot, g_loc = self.global_transforms(rot, joints)
+        trans = g_loc - (g_rot @ joints[..., None])[..., 0]                       # (B, 24, 3)
+        q = self.pair_q + (betas @ self.pair_q_shape).reshape(batch, -1, 3)        # (B, P, 3)
+        if self.pose_blend:
+            eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
+            q = q + ((rot[:, 1:] - eye).reshape(batch, -1) @ self.pair_q_pose).reshape(batch, -1, 3)
+        terms = (g_rot.index_select(1, self.pair_j) @ q[..., None])[..., 0] + self.pair_c * trans.index_select(1, self.pair_j)
+        virtual = terms.new_zeros(batch, self.num_virtual, 3).index_add(1, self.pair_m, terms)
+        return torch.cat([g_loc, virtual], dim=1).index_select(1, self.keypoint_source)

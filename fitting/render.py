@@ -97,8 +97,24 @@ def rasterize(
     pj = lo[ids, 0][owner] + local % nx[owner]
     pi = lo[ids, 1][owner] + local // nx[owner]
     t = ids[owner]
-    a, b, c = tri[t, 0], tri[t, 1], tri[t, 2]
     p = np.stack([pj + 0.5, pi + 0.5], axis=1)
+    pix, t, bary, zbuf = nearest_hits(tri, tz, t, p, pi * W + pj)
+    face.reshape(-1)[pix] = t
+    bary_img.reshape(-1, 3)[pix] = bary
+    depth.reshape(-1)[pix] = zbuf
+    return face, bary_img, depth
+
+
+def nearest_hits(
+    tri: np.ndarray, tz: np.ndarray, t: np.ndarray, p: np.ndarray, key: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The nearest surface hit per key among candidate (triangle, point) pairs.
+
+    tri (F, 3, 2) projected triangles, tz (F, 3) their corners' depth; candidate pairs t (N,)
+    triangle ids, p (N, 2) points, key (N,) int (the pixel or query point a pair belongs to).
+    Returns, for each key with a point inside one of its triangles: key (M,), triangle (M,),
+    perspective-correct barycentrics (M, 3) and depth (M,) of the nearest such hit."""
+    a, b, c = tri[t, 0], tri[t, 1], tri[t, 2]
     area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
     w0 = (b[:, 0] - p[:, 0]) * (c[:, 1] - p[:, 1]) - (b[:, 1] - p[:, 1]) * (c[:, 0] - p[:, 0])
     w1 = (c[:, 0] - p[:, 0]) * (a[:, 1] - p[:, 1]) - (c[:, 1] - p[:, 1]) * (a[:, 0] - p[:, 0])
@@ -107,20 +123,66 @@ def rasterize(
     l2 = 1.0 - l0 - l1
     eps = -1e-9
     inside = (np.abs(area) > 1e-12) & (l0 >= eps) & (l1 >= eps) & (l2 >= eps)
-    t, pi, pj = t[inside], pi[inside], pj[inside]
+    t, key = t[inside], key[inside]
+    if t.size == 0:
+        return key, t, np.zeros((0, 3)), np.zeros(0)
     screen = np.stack([l0[inside], l1[inside], l2[inside]], axis=1)
     # perspective-correct barycentrics: interpolate 1/z in screen space
     inv_z = screen / tz[t]
     zbuf = 1.0 / inv_z.sum(1)
     bary = inv_z * zbuf[:, None]
-    pix = pi * W + pj
-    order = np.lexsort((zbuf, pix))                # nearest first within each pixel
-    pix_sorted = pix[order]
-    first = order[np.r_[True, pix_sorted[1:] != pix_sorted[:-1]]]
-    face.reshape(-1)[pix[first]] = t[first]
-    bary_img.reshape(-1, 3)[pix[first]] = bary[first]
-    depth.reshape(-1)[pix[first]] = zbuf[first]
-    return face, bary_img, depth
+    order = np.lexsort((zbuf, key))                # nearest first within each key
+    key_sorted = key[order]
+    first = order[np.r_[True, key_sorted[1:] != key_sorted[:-1]]]
+    return key[first], t[first], bary[first], zbuf[first]
+
+
+def boxes_under(points: np.ndarray, lo: np.ndarray, hi: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (point, box) pairs with the point inside the box: points (K, 2), boxes lo/hi (B, 2),
+    of which only `ids` count. Returns point indices (N,) and box indices (N,).
+
+    The boxes are sorted by (band of their top edge, left edge), bands as tall as the largest box
+    side: a point can only lie in a box of its own band or the band above whose left edge is at
+    most that side to its left, two contiguous runs of the order (cheaper than testing every box)."""
+    if ids.size == 0 or len(points) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    span = 1.0 + float((hi[ids] - lo[ids]).max())
+    reach = 4.0 * (float(np.abs(lo[ids, 0]).max()) + float(np.abs(points[:, 0]).max()) + span)  # > any x gap
+    key = np.floor(lo[ids, 1] / span) * reach + lo[ids, 0]
+    order = np.argsort(key, kind="stable")
+    key, boxes = key[order], ids[order]
+    band = np.floor(points[:, 1] / span)
+    query = np.concatenate([band, band - 1]) * reach + np.concatenate([points[:, 0], points[:, 0]])
+    start = np.searchsorted(key, query - span, side="left")
+    count = np.searchsorted(key, query, side="right") - start
+    k = np.repeat(np.tile(np.arange(len(points)), 2), count)
+    b = boxes[np.repeat(start, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)]
+    p = points[k]
+    inside = (p[:, 0] >= lo[b, 0]) & (p[:, 0] <= hi[b, 0]) & (p[:, 1] >= lo[b, 1]) & (p[:, 1] <= hi[b, 1])
+    return k[inside], b[inside]
+
+
+def surface_at_points(
+    points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, focal: float, center
+) -> tuple[np.ndarray, np.ndarray]:
+    """The visible surface under each of (K, 2) pixel points, as `rasterize` finds it at a pixel
+    centre, without rasterizing an image: depth (K,) (inf where there is none) and the corner
+    vertex of the visible triangle nearest the hit (K,) (-1 where none).
+    vertices (V, 3) in the camera frame, faces (F, 3)."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tri = pinhole(v, focal, np.asarray(center, dtype=np.float64))[f]
+    tz = v[:, 2][f]
+    ok = (tz > 1e-6).all(1) & np.isfinite(tri).all((1, 2))
+    pts = np.asarray(points, dtype=np.float64)
+    k, t = boxes_under(pts, tri.min(1), tri.max(1), np.flatnonzero(ok))
+    hit, t, bary, zbuf = nearest_hits(tri, tz, t, pts[k], k)
+    depth = np.full(len(pts), np.inf)
+    corner = np.full(len(pts), -1, dtype=np.int64)
+    depth[hit] = zbuf
+    corner[hit] = f[t, np.argmax(bary, axis=1)]
+    return depth, corner
 
 
 def render(

@@ -17,7 +17,7 @@ from pipeline import rundir
 from pipeline.config import GENDERS, RunConfig, load_run_body_model
 from pipeline.report import metrics_by_round, plot_metrics_by_round
 from trainer.data import storage
-from trainer.data.samples import decode_image, from_normalized
+from trainer.data.samples import blank_crop, decode_image, from_normalized
 from trainer.data.storage import Location
 from trainer.data.tables import SAMPLES_SCHEMA, read_split, read_table, shard_paths, to_numpy
 from trainer.evaluate import TruthModels, evaluate_fits, evaluate_regressor, require_protocols, write_overlays
@@ -88,7 +88,7 @@ def fit_overlay_grid(run: Location, round_index: int, config: RunConfig, body, o
         return None
     first = read_table(shard_paths(config.data, "train")[0], SAMPLES_SCHEMA)
     rows = first.filter(pc.is_in(first.column("sample_id"), pa.array(ids)))
-    images = [decode_image(b) for b in rows.column("image").to_pylist()]
+    images = [blank_crop() if b is None else decode_image(b) for b in rows.column("image").to_pylist()]
     keypoints = to_numpy(rows, "keypoints")
     tiles = []
     for image, kp in zip(images, keypoints):

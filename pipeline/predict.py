@@ -163,8 +163,9 @@ def run_predict(run: str | Path, round_index: int | None, source: str | Path, ou
     samples, quarantine, kind = read_inputs(source, keypoints_dir, regressor.img_res, min_confidence)
     if len(samples) == 0:
         raise BadInput(f"no person to predict on in {source} ({len(quarantine)} inputs quarantined)")
-    if refine and not (to_numpy(samples, "keypoints")[:, :, 2] > 0).any():
-        raise BadInput("--refine fits SMPL to 2D keypoints and these inputs have none: pass --keypoints DIR")
+    if (refine or regressor.eats == "keypoints") and not (to_numpy(samples, "keypoints")[:, :, 2] > 0).any():
+        why = "--refine fits SMPL to 2D keypoints" if refine else "this run's regressor reads 2D keypoints"
+        raise BadInput(f"{why} and these inputs have none: pass --keypoints DIR")
     pred = predict(regressor, samples, batch_size=batch_size, device=device)
     keypoints = to_numpy(samples, "keypoints")
     smplify = config.smplify

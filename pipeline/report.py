@@ -29,17 +29,30 @@ def _get(row: dict[str, Any], path) -> Any:
     return node
 
 
-def round_table(results: list[dict[str, Any]]) -> str:
-    """Plain-text table, one line per round (3D errors in mm)."""
-    lines = [[name for name, _, _ in COLUMNS]]
-    for row in results:
+def round_table(results: list[dict[str, Any]], reference: dict[str, Any] | None = None) -> str:
+    """Plain-text table, one line per round (3D errors in mm); with the mean-pose `reference`
+    (its metrics), its PA-MPJPE beside the regressor's and their ratio."""
+    columns = list(COLUMNS)
+    if reference and reference.get("pa_mpjpe"):
+        rows = [{**row, "mean_pose": reference["pa_mpjpe"],
+                 "reg_vs_mean": _ratio(_get(row, ("eval", "regressor", "pa_mpjpe")), reference["pa_mpjpe"])}
+                for row in results]
+        columns[-1:-1] = [("mean-pose PA-MPJPE", "mean_pose", "{:.1f}"), ("reg/mean", "reg_vs_mean", "{:.2f}")]
+    else:
+        rows = results
+    lines = [[name for name, _, _ in columns]]
+    for row in rows:
         cells = []
-        for _, path, fmt in COLUMNS:
+        for _, path, fmt in columns:
             value = _get(row, path)
             cells.append("-" if value is None else fmt.format(value))
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def _ratio(value: float | None, reference: float) -> float | None:
+    return None if value is None else value / reference
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:

@@ -84,7 +84,7 @@ def test_a_runs_own_loss_weight_keeps_the_presets_others():
     ({"train": {"bakbone": "small"}}, r"^config\.train: unknown key 'bakbone' \(known: backbone, "),
     ({"train": {"use_augmentation": "maybe"}}, r"^config\.train\.use_augmentation: cannot read 'maybe' as bool$"),
     ({"train": {"steps": 0}}, r"^config\.train: training setting 'steps' must be >= 1, got 0$"),
-    ({"train_preset": "huge"}, r"^config: unknown train preset 'huge' \(known: tiny, small, paper\)$"),
+    ({"train_preset": "huge"}, r"^config: unknown train preset 'huge' \(known: tiny, small, keypoints, paper\)$"),
     ({"evaluate": "yes please"}, r"^config\.evaluate: cannot read 'yes please' as bool$"),
 ])
 def test_the_whole_config_is_read_when_it_is_loaded(tmp_path, data, message):

@@ -13,7 +13,7 @@ from trainer.mean_params import (
     builtin_mean_params_path, load_mean_params, mean_params_from_poses, mean_pose_axis_angle, save_mean_params,
 )
 from trainer.model import (
-    BACKBONES, Regressor, axis_angle_pose, build_backbone, cam_translation, normalize_images,
+    BACKBONES, Regressor, axis_angle_pose, build_backbone, cam_translation, model_input, normalize_images,
 )
 
 torch.set_num_threads(1)
@@ -23,8 +23,9 @@ torch.set_num_threads(1)
 def test_output_shapes_and_valid_rotations(backbone):
     torch.manual_seed(0)
     regressor = Regressor(backbone, img_res=64).eval()
+    batch = {"image": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), "keypoints": torch.rand(2, 49, 3)}
     with torch.no_grad():
-        out = regressor(torch.randn(2, 3, 64, 64))
+        out = regressor(model_input(regressor, batch))
     assert out.rotmat.shape == (2, 24, 3, 3) and out.betas.shape == (2, 10) and out.cam.shape == (2, 3)
     eye = torch.eye(3).expand(2, 24, 3, 3)
     assert torch.allclose(out.rotmat.transpose(-1, -2) @ out.rotmat, eye, atol=1e-5)

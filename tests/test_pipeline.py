@@ -176,46 +176,83 @@ def test_corrupt_shard_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_runs_three_comparable_arms(tiny_benchmark, tmp_path):
-    """`spin-pipeline ablation` on the tiny benchmark: three arms and the oracle with the same total
-    steps, the loop's rounds, the mean-pose reference, the init comparison, the table, the plot
-    and MLflow."""
+def test_ablation_runs_comparable_arms_over_seeds(tmp_path):
+    """`spin-pipeline ablation --backbone keypoints --seeds 2` on the tiny keypoint-only benchmark:
+    three arms and the oracle with the same total steps per seed, the round-0 fits made once and
+    shared, the loop's rounds, mean and sd per arm, the seed-paired ratios, the mean-pose
+    reference, the init comparison, the table, the plot and MLflow."""
     import json
 
     import mlflow
     from click.testing import CliRunner
 
+    from pipeline.ablation import arm_run
     from pipeline.cli import cli
 
     out = tmp_path / "ablation"
-    shutil.copytree(tiny_benchmark, out / "data")
-    result = CliRunner().invoke(cli, ["ablation", "--preset", "tiny", "--rounds", "2", "--steps", "6", "--out", str(out),
-                                      "--train", "batch_size=4"])
+    result = CliRunner().invoke(cli, ["ablation", "--backbone", "keypoints", "--preset", "tiny-keypoints", "--rounds", "2",
+                                      "--steps", "6", "--seeds", "2", "--out", str(out), "--train", "batch_size=16"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "ablation.json").read_text())
-    assert report["command"].endswith("--train batch_size=4")
+    assert report["command"].endswith("--seeds 2 --train batch_size=16") and report["train_seeds"] == [0, 1]
+    assert report["backbone"] == "keypoints" and report["dataset"]["train"] == 240
     assert set(report["arms"]) == {"2d-only", "static", "loop", "oracle"}
+    for arm, summary in report["arms"].items():
+        per_seed = [summary["by_seed"][s]["regressor"]["pa_mpjpe"] for s in ("0", "1")]
+        assert summary["regressor"]["pa_mpjpe"] == pytest.approx(np.mean(per_seed))
+        assert summary["regressor_sd"]["pa_mpjpe"] == pytest.approx(np.std(per_seed, ddof=1))
     assert [r["round"] for r in report["arms"]["loop"]["rounds"]] == [0, 1]
-    assert len(report["arms"]["static"]["rounds"]) == 1
-    reg = {arm: report["arms"][arm]["regressor"]["pa_mpjpe"] for arm in report["arms"]}
-    assert report["ratios"]["static_vs_2d"] == pytest.approx(reg["static"] / reg["2d-only"])
-    assert report["ratios"]["loop_vs_static"] == pytest.approx(reg["loop"] / reg["static"])
-    assert report["ratios"]["oracle_vs_static"] == pytest.approx(reg["oracle"] / reg["static"])
+    reg = {arm: {s: r["regressor"]["pa_mpjpe"] for s, r in report["arms"][arm]["by_seed"].items()} for arm in report["arms"]}
+    for name, top, bottom in (("static_vs_2d", "static", "2d-only"), ("loop_vs_static", "loop", "static"),
+                              ("oracle_vs_static", "oracle", "static")):
+        ratio = report["ratios"][name]
+        assert ratio["by_seed"] == pytest.approx({s: reg[top][s] / reg[bottom][s] for s in ("0", "1")})
+        assert ratio["worst"] == max(ratio["by_seed"].values())
     # the oracle's table is the train split's ground truth, joined to the right samples
-    oracle_labels = report["arms"]["oracle"]["fits"]
+    oracle_labels = report["arms"]["oracle"]["by_seed"]["1"]["fits"]
     assert oracle_labels["matched"] == oracle_labels["fits"] > 0 and oracle_labels["mpjpe"] < 1e-3
-    for arm, steps in (("2d-only", 6), ("static", 6), ("oracle", 6)):
-        assert rundir.read_success(out / arm, 0, "model")["steps"] == steps
-    for arm in report["arms"]:
-        assert yaml.safe_load((out / arm / "config.yaml").read_text())["train"]["batch_size"] == 4
-    assert sum(rundir.read_success(out / "loop", r, "model")["trained_steps"] for r in (0, 1)) == 6
+    shared = rundir.read_fits(arm_run(out, "static", 0), 0)
+    for seed in (0, 1):
+        for arm in ("2d-only", "static", "oracle"):
+            model = rundir.read_success(arm_run(out, arm, seed), 0, "model")
+            assert model["steps"] == 6 and model["input"] == "keypoints"
+        assert sum(rundir.read_success(arm_run(out, "loop", seed), r, "model")["trained_steps"] for r in (0, 1)) == 6
+        for arm in ("static", "loop"):   # fitted once: the same table and record, the same seconds
+            assert rundir.read_fits(arm_run(out, arm, seed), 0).equals(shared)
+            assert rundir.read_success(arm_run(out, arm, seed), 0, "fits") == rundir.read_success(arm_run(out, "static", 0), 0, "fits")
+        config = yaml.safe_load((arm_run(out, "loop", seed) / "config.yaml").read_text())
+        assert config["train"]["seed"] == seed and config["train"]["batch_size"] == 16
     assert report["mean_pose_reference"]["evaluated_3d"] == report["arms"]["static"]["regressor"]["evaluated_3d"]
     assert report["mean_pose_reference"]["pa_mpjpe"] > 0
     assert set(report["init_comparison"]) == {"mean", "network"}
     table = (out / "ablation.md").read_text()
-    assert "| loop |" in table and "| mean pose, no image |" in table and "| ground-truth labels |" in table
+    assert "| loop |" in table and "| mean pose, no input |" in table and "| ground-truth labels |" in table
+    assert " ± " in table and "| loop / static |" in table
     assert (out / "ablation_pa_mpjpe.png").stat().st_size > 0
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ablation")
     names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-    assert {"2d-only", "static", "loop", "oracle"} <= names
+    assert {f"{arm} seed {s}" for arm in ("2d-only", "static", "loop", "oracle") for s in (0, 1)} <= names
+
+
+@pytest.mark.slow
+def test_keypoints_regressor_initializes_the_next_fit_round(tiny_benchmark, tmp_path):
+    """Two rounds with `train_preset: keypoints`: round 1's fits start from round 0's keypoint
+    regressor, the best fit never gets worse, and the regressor is evaluated and drawn."""
+    from pipeline.rounds import run_pipeline
+
+    run = tmp_path / "run"
+    config = config_for(tiny_benchmark, train_preset="keypoints",
+                        train={"steps": 20, "batch_size": 16, "threads": 1, "checkpoint_every": 10})
+    results = run_pipeline(run, config, rounds=2, progress=False)
+    round0, round1 = read_fits(run, 0), read_fits(run, 1)
+    loss0 = dict(zip(round0.column("sample_id").to_pylist(), to_numpy(round0, "loss")))
+    loss1 = dict(zip(round1.column("sample_id").to_pylist(), to_numpy(round1, "loss")))
+    assert all(loss1[i] <= loss0[i] + 1e-4 for i in loss0)
+    init = np.asarray(round1.column("init").to_pylist())
+    found = to_numpy(round1, "found_in_round")
+    assert (found == 1).any() and np.all((found == 1) == (init == "network"))
+    model = rundir.read_success(run, 0, "model")
+    assert model["backbone"] == "keypoints" and model["input"] == "keypoints" and model["loss_body"] == "FastKeypointBody"
+    assert results[1]["eval"]["regressor"]["pa_mpjpe"] > 0
+    assert (rundir.step_dir(run, 1, "eval") / "regressor_overlays.png").stat().st_size > 1000

@@ -205,7 +205,7 @@ def test_parallel_loader_serves_the_same_batches(body, data):
 
 def test_gradient_norm_is_logged_and_clipped(body, data, tmp_path):
     from trainer.dataset import SamplesDataset, make_loader, read_samples
-    from trainer.train import _build_regressor, _train_step
+    from trainer.train import _build_regressor, train_step
 
     root, fits = data
     logged = {}
@@ -215,7 +215,7 @@ def test_gradient_norm_is_logged_and_clipped(body, data, tmp_path):
     config = _config(grad_clip=1e-3)
     regressor, _ = _build_regressor(config, None)
     batch = next(iter(make_loader(SamplesDataset(read_samples([root]), fits, config.img_res), batch_size=4)))
-    values = _train_step(regressor, torch.optim.Adam(regressor.parameters(), lr=1e-4), batch, body, config, None, 0)
+    values = train_step(regressor, torch.optim.Adam(regressor.parameters(), lr=1e-4), batch, body, config, None, 0)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in regressor.parameters() if p.grad is not None]))
     assert values["grad_norm"] > 1e-3 and float(norm) == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(BadInput, match="grad_clip"):

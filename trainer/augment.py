@@ -9,6 +9,12 @@ The camera frame has the same x and y axes (z forward), so the 3D counterpart is
 Rz(rot) about the optical axis, applied to the global orientation, followed by the mirror
 x -> -x, which is SMPL_FLIP_PERM on the joints with the y and z of every axis-angle negated.
 Scale changes only the image (the regressor's camera absorbs it).
+
+The keypoints backbone trains on whole batches of keypoints at once (`BatchAugParams`, the
+`*_batch` functions, in torch): the same rotation, scale and flip, plus what only a keypoint
+input needs, since its input and its target are the same keypoints: the input alone loses each
+keypoint with probability `keypoint_dropout` and gets Gaussian jitter (`keypoint_jitter`, in
+normalized crop units), so that the network learns to fill in what a detector misses.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ class AugmentConfig(Settings):
     rot_prob: float = 0.4
     scale_factor: float = 0.25
     noise_factor: float = 0.4
+    keypoint_dropout: float = 0.0    # keypoints backbone only: input keypoints dropped (confidence 0)
+    keypoint_jitter: float = 0.0     # keypoints backbone only: input noise sd, normalized crop units
 
 
 @dataclass(frozen=True)
@@ -107,22 +115,21 @@ def flip_keypoints(keypoints: np.ndarray, perm: tuple[int, ...] = FLIP_PERM) -> 
     return out
 
 
+def _one(params: AugParams) -> BatchAugParams:
+    return BatchAugParams(flip=torch.tensor([params.flip]), rot=torch.tensor([params.rot], dtype=torch.float64),
+                          scale=torch.tensor([params.scale], dtype=torch.float64))
+
+
 def augment_keypoints(keypoints: np.ndarray, params: AugParams) -> np.ndarray:
     """(49, 3) normalized keypoints with confidence -> the same after augmentation."""
-    out = keypoints.astype(np.float64, copy=True)
-    out[:, :2] = out[:, :2] @ rotation_2d(params.rot).T / params.scale
-    if params.flip:
-        out = flip_keypoints(out)
-    return out.astype(keypoints.dtype)
+    out = augment_keypoints_batch(torch.from_numpy(keypoints.astype(np.float64))[None], _one(params))
+    return out[0].numpy().astype(keypoints.dtype)
 
 
 def augment_joints3d(joints: np.ndarray, params: AugParams) -> np.ndarray:
     """(24, 4) ground-truth 3D joints (camera frame, + confidence) -> the same after augmentation."""
-    out = joints.astype(np.float64, copy=True)
-    out[:, :3] = out[:, :3] @ rotation_z(params.rot).T
-    if params.flip:
-        out = flip_keypoints(out, GT24_FLIP_PERM)
-    return out.astype(joints.dtype)
+    out = augment_joints3d_batch(torch.from_numpy(joints.astype(np.float64))[None], _one(params))
+    return out[0].numpy().astype(joints.dtype)
 
 
 def flip_pose(pose: np.ndarray) -> np.ndarray:
@@ -157,3 +164,81 @@ def augment_translation(cam_t: np.ndarray, root: np.ndarray, params: AugParams) 
     if params.flip:
         t = t * np.array([-1.0, 1.0, 1.0])
     return t.astype(np.asarray(cam_t).dtype)
+
+
+@dataclass(frozen=True)
+class BatchAugParams:
+    """Augmentation of a batch of B samples, as tensors."""
+    flip: torch.Tensor                   # (B,) bool
+    rot: torch.Tensor                    # (B,) degrees
+    scale: torch.Tensor                  # (B,)
+    drop: torch.Tensor | None = None     # (B, 49) bool: input keypoints dropped
+    jitter: torch.Tensor | None = None   # (B, 49, 2) input keypoint noise
+
+
+def sample_batch_params(rng: np.random.Generator, config: AugmentConfig, n: int) -> BatchAugParams:
+    """`sample_params`' flip, rotation and scale distributions for n samples at once, and the
+    keypoint input's dropout and jitter."""
+    flip = rng.uniform(size=n) < config.flip_prob
+    rot = np.clip(rng.normal(size=n) * config.rot_factor, -2 * config.rot_factor, 2 * config.rot_factor)
+    rot = np.where(rng.uniform(size=n) < config.rot_prob, rot, 0.0)
+    scale = np.clip(rng.normal(size=n) * config.scale_factor + 1, 1 - config.scale_factor, 1 + config.scale_factor)
+    drop = rng.uniform(size=(n, 49)) < config.keypoint_dropout if config.keypoint_dropout > 0 else None
+    jitter = rng.normal(scale=config.keypoint_jitter, size=(n, 49, 2)) if config.keypoint_jitter > 0 else None
+    tensor = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
+    return BatchAugParams(flip=torch.from_numpy(flip), rot=tensor(rot), scale=tensor(scale),
+                          drop=None if drop is None else torch.from_numpy(drop), jitter=tensor(jitter))
+
+
+def rotations_z(degrees: torch.Tensor) -> torch.Tensor:
+    """(B,) angles -> (B, 3, 3) rotations about the optical axis (`rotation_z` for a batch)."""
+    rotvec = torch.zeros(len(degrees), 3, dtype=degrees.dtype, device=degrees.device)
+    rotvec[:, 2] = torch.deg2rad(degrees)
+    return roma.rotvec_to_rotmat(rotvec)
+
+
+def _mirror_where(flip: torch.Tensor, points: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    """(B, K, C) points (x first) -> mirrored (x negated, `perm` applied) where flip (B,) is set."""
+    sign = torch.ones(points.shape[-1], dtype=points.dtype, device=points.device)
+    sign[0] = -1.0
+    return torch.where(flip[:, None, None], points[:, list(perm)] * sign, points)
+
+
+def augment_keypoints_batch(keypoints: torch.Tensor, params: BatchAugParams) -> torch.Tensor:
+    """(B, 49, 3) normalized keypoints with confidence -> the same after augmentation (rotate
+    and scale, then flip). A new tensor; the input is untouched."""
+    turn = rotations_z(params.rot.to(keypoints.dtype))[:, :2, :2]
+    xy = (keypoints[..., :2] @ turn.transpose(1, 2)) / params.scale.to(keypoints.dtype)[:, None, None]
+    return _mirror_where(params.flip, torch.cat([xy, keypoints[..., 2:]], dim=-1), FLIP_PERM)
+
+
+def augment_joints3d_batch(joints: torch.Tensor, params: BatchAugParams) -> torch.Tensor:
+    """(B, 24, 4) ground-truth 3D joints (camera frame, + confidence) -> the same after augmentation."""
+    turned = joints[..., :3] @ rotations_z(params.rot.to(joints.dtype)).transpose(1, 2)
+    return _mirror_where(params.flip, torch.cat([turned, joints[..., 3:]], dim=-1), GT24_FLIP_PERM)
+
+
+def flip_rotmat(rotmat: torch.Tensor) -> torch.Tensor:
+    """(B, 24, 3, 3) SMPL pose of the mirrored body: joints swapped left and right, each rotation
+    conjugated by the mirror x -> -x (`flip_pose` for rotation matrices)."""
+    mirror = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=rotmat.dtype, device=rotmat.device))
+    return mirror @ rotmat[:, list(SMPL_FLIP_PERM)] @ mirror
+
+
+def augment_rotmat_batch(rotmat: torch.Tensor, params: BatchAugParams) -> torch.Tensor:
+    """(B, 24, 3, 3) pose targets -> the same after augmentation: the global orientation turned
+    by Rz(rot), then the mirrored pose where flipped."""
+    orient = rotations_z(params.rot.to(rotmat.dtype)) @ rotmat[:, 0]
+    turned = torch.cat([orient[:, None], rotmat[:, 1:]], dim=1)
+    return torch.where(params.flip[:, None, None, None], flip_rotmat(turned), turned)
+
+
+def corrupt_keypoints(keypoints: torch.Tensor, params: BatchAugParams) -> torch.Tensor:
+    """(B, 49, 3) keypoints -> the keypoint backbone's input: jittered, and with the dropped
+    keypoints' confidence set to 0 (the encoder then ignores their coordinates)."""
+    xy, conf = keypoints[..., :2], keypoints[..., 2]
+    if params.jitter is not None:
+        xy = xy + params.jitter.to(xy.dtype)
+    if params.drop is not None:
+        conf = torch.where(params.drop, torch.zeros_like(conf), conf)
+    return torch.cat([xy, conf[..., None]], dim=-1)

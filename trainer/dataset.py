@@ -10,6 +10,9 @@ Images travel as uint8 (3, H, W); `trainer.model.normalize_images` runs on the d
 
 Augmentation is a pure function of (seed, key): the sampler hands out keys = epoch * N + row,
 so a run is reproducible whatever the number of workers and resumes exactly mid-epoch.
+
+The keypoints backbone never reads an image: `KeypointBatches` serves the same targets from
+memory, a whole batch at a time, augmented in torch (a pure function of (seed, step)).
 """
 from __future__ import annotations
 
@@ -24,7 +27,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fitting.errors import BadInput
-from trainer.augment import AugmentConfig, AugParams, augment_image, augment_joints3d, augment_keypoints, augment_pose, sample_params
+from fitting.geometry import pose_to_rotmat
+from trainer.augment import (
+    AugmentConfig,
+    AugParams,
+    augment_image,
+    augment_joints3d,
+    augment_joints3d_batch,
+    augment_keypoints,
+    augment_keypoints_batch,
+    augment_pose,
+    augment_rotmat_batch,
+    corrupt_keypoints,
+    sample_batch_params,
+    sample_params,
+)
 from trainer.data.samples import decode_image, read_image_file, validate_samples
 from trainer.data.tables import SAMPLES_SCHEMA, concat, read_split, to_numpy
 
@@ -162,6 +179,51 @@ class SamplesDataset(Dataset):
             "usable": torch.tensor(usable),
             "row": torch.tensor(row),
         }
+
+
+def lacks_images(samples: pa.Table) -> np.ndarray:
+    """(N,) bool: rows with neither image bytes nor an image URI (keypoint-only samples)."""
+    images = samples.column("image").is_null().to_numpy(zero_copy_only=False)
+    uris = samples.column("image_uri").to_pylist()
+    return images & np.array([not uri for uri in uris], bool)
+
+
+class KeypointBatches:
+    """Training batches for the keypoints backbone: a SamplesDataset's keypoints and targets as
+    tensors, gathered and augmented a batch at a time (`trainer.augment`'s *_batch functions).
+
+    batch(keys, step) -> the items of `SamplesDataset` for rows key % N, stacked (without
+    "image"), with the pose target as rotation matrices ("pose_rotmat") and the network's input
+    ("input_keypoints": the augmented keypoints after dropout and jitter; "keypoints" stays the
+    clean target). Augmentation depends only on (seed, step)."""
+
+    def __init__(self, dataset: SamplesDataset, augment: AugmentConfig | None, seed: int):
+        self.n, self.augment, self.seed = len(dataset), augment, int(seed)
+        targets = dataset.targets
+        self.columns = {
+            "keypoints": torch.from_numpy(np.nan_to_num(dataset.keypoints).astype(np.float32)),
+            "pose_rotmat": pose_to_rotmat(torch.from_numpy(targets["pose"])),
+            "betas": torch.from_numpy(targets["betas"]),
+            "fit_valid": torch.from_numpy(targets["fit_valid"]),
+            "betas_ok": torch.from_numpy(targets["betas_ok"]),
+            "joints3d": torch.from_numpy(dataset.joints3d),
+            "has_joints3d": torch.from_numpy(dataset.has_joints3d),
+        }
+
+    def batch(self, keys: Sequence[int], step: int) -> dict[str, torch.Tensor]:
+        rows = torch.from_numpy(np.asarray(keys, np.int64) % self.n)
+        out = {name: column[rows] for name, column in self.columns.items()}
+        out["usable"] = torch.ones(len(rows), dtype=torch.bool)
+        out["row"] = rows
+        if self.augment is None:
+            out["input_keypoints"] = out["keypoints"]
+            return out
+        params = sample_batch_params(np.random.default_rng([self.seed, 104729, int(step)]), self.augment, len(rows))
+        out["keypoints"] = augment_keypoints_batch(out["keypoints"], params)
+        out["pose_rotmat"] = augment_rotmat_batch(out["pose_rotmat"], params)
+        out["joints3d"] = augment_joints3d_batch(out["joints3d"], params)
+        out["input_keypoints"] = corrupt_keypoints(out["keypoints"], params)
+        return out
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -39,7 +39,7 @@ from trainer.data.samples import decode_mask, uncrop_labels
 from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, conform, to_numpy
 from trainer.dataset import SamplesDataset, load_image, make_loader, read_samples
 from trainer.metrics import confusion_matrix, pose_metrics, segmentation_scores
-from trainer.model import Regressor, cam_translation, normalize_images
+from trainer.model import Regressor, cam_translation, model_input
 from trainer.train import predict
 
 NUM_PARTS = 7                                  # background + six parts
@@ -354,7 +354,7 @@ def write_overlays(regressor: Regressor, test_dirs: Sequence[str | Path], body_m
     body_model = body_model.to(device)
     dataset = SamplesDataset(samples, None, regressor.img_res, augment=None, drop_invalid=False)
     batch = next(iter(make_loader(dataset, batch_size=num)))
-    out = regressor(normalize_images(batch["image"].to(device)))
+    out = regressor(model_input(regressor, {k: v.to(device) for k, v in batch.items()}))
     verts = (body_model(out.rotmat, out.betas).vertices + cam_translation(out.cam)[:, None]).cpu().numpy()
     labels = part_labels(body_model)
     tiles = []

@@ -14,6 +14,10 @@ SMPLify weighs them against its pixel-space data term: SPIN's final SMPLify weig
 15.2^2, 5^2) divided by the 98 * 112^2 that turns the normalized keypoint MSE into SMPLify's
 summed squared pixel error, times the keypoint weight. Because the priors follow the keypoint
 weight, that weight only sets the balance between the 2D term and the fits' pose and shape.
+
+The predicted keypoints come from the body model, or, when no term needs the mesh (vertex weight
+0, SPIN's setting), from `fitting.keypoint_body.FastKeypointBody`: the same keypoints without
+skinning a vertex (`loss_body` picks).
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fitting.body_model import BodyModel
 from fitting.camera import IMG_RES, perspective_projection, pixels_to_normalized
 from fitting.errors import BadInput
 from fitting.geometry import pose_to_rotmat, rotmat_to_pose
+from fitting.keypoint_body import FastKeypointBody
 from fitting.keypoints import GT24, OP25
 from fitting.priors import angle_prior, shape_prior
 from fitting.settings import Settings
@@ -119,24 +125,40 @@ def camera_loss(cam: torch.Tensor) -> torch.Tensor:
     return torch.exp(-10.0 * cam[:, 0]).square()
 
 
+def loss_body(body_model: BodyModel, weights: LossWeights) -> BodyModel | FastKeypointBody:
+    """The body the losses pose: the fast keypoint body (exact; the mesh is never made) unless
+    the vertex term needs the mesh."""
+    return body_model if weights.vertices > 0 else FastKeypointBody(body_model).to(next(body_model.buffers()).device)
+
+
+def body_keypoints(body: BodyModel | FastKeypointBody, rotmat: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """(B, 24, 3, 3), (B, 10) -> (B, 49, 3) model keypoints from either body."""
+    return body(rotmat, betas) if isinstance(body, FastKeypointBody) else body(rotmat, betas).keypoints
+
+
 def compute_losses(
     out: RegressorOutput,
     batch: dict[str, torch.Tensor],
-    body_model: torch.nn.Module,
+    body_model: BodyModel | FastKeypointBody,
     weights: LossWeights,
     mode: str = "fits",
     prior: torch.nn.Module | None = None,
 ) -> LossResult:
     """All of SPIN's terms for one batch (see the module docstring).
 
-    batch: keypoints (B, 49, 3), pose (B, 72), betas (B, 10), fit_valid (B,), betas_ok (B,),
-    joints3d (B, 24, 4), has_joints3d (B,), usable (B,), as `trainer.dataset` serves them.
+    batch: keypoints (B, 49, 3), pose (B, 72) or pose_rotmat (B, 24, 3, 3), betas (B, 10),
+    fit_valid (B,), betas_ok (B,), joints3d (B, 24, 4), has_joints3d (B,), usable (B,), as
+    `trainer.dataset` serves them. `body_model`: see `loss_body`.
     """
     if mode not in MODES:
         raise BadInput(f"unknown training mode '{mode}' (choose from {', '.join(MODES)})")
+    if weights.vertices > 0 and not isinstance(body_model, BodyModel):
+        raise BadInput("the vertex loss needs the body model's mesh, not the keypoint body")
     usable = batch["usable"].bool()
-    body = body_model(out.rotmat, out.betas)
-    pred_2d = project_keypoints(body.keypoints, out.cam)
+    target_rotmat = batch["pose_rotmat"] if "pose_rotmat" in batch else pose_to_rotmat(batch["pose"])
+    body = body_model(out.rotmat, out.betas) if weights.vertices > 0 else None
+    model_keypoints = body.keypoints if body is not None else body_keypoints(body_model, out.rotmat, out.betas)
+    pred_2d = project_keypoints(model_keypoints, out.cam)
     per_joint = keypoint_loss(pred_2d, batch["keypoints"], weights.openpose, weights.gt_keypoints)
 
     # SPIN's shape guard, as its train/trainer.py does it: a fit with any |beta| > 3 gets the mean
@@ -148,8 +170,8 @@ def compute_losses(
     betas_target = torch.where(batch["betas_ok"].bool()[:, None], batch["betas"], torch.zeros_like(batch["betas"]))
     terms = {
         "keypoints": per_joint.mean(dim=-1),
-        "keypoints_3d": keypoint_3d_loss(body.keypoints[:, list(GT24)], batch["joints3d"]),
-        "pose": pose_loss(out.rotmat, pose_to_rotmat(batch["pose"])),
+        "keypoints_3d": keypoint_3d_loss(model_keypoints[:, list(GT24)], batch["joints3d"]),
+        "pose": pose_loss(out.rotmat, target_rotmat),
         "betas": betas_loss(out.betas, betas_target),
         "cam": camera_loss(out.cam),
     }
@@ -162,7 +184,7 @@ def compute_losses(
     }
     if weights.vertices > 0:
         with torch.no_grad():
-            target = body_model(batch["pose"], batch["betas"]).vertices
+            target = body_model(target_rotmat, batch["betas"]).vertices
         terms["vertices"] = vertex_loss(body.vertices, target)
         masks["vertices"] = fit_mask
     if mode == "2d":

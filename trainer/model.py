@@ -1,9 +1,15 @@
 """The regressor: HMR as SPIN uses it.
 
-A torchvision backbone gives one pooled feature vector per image; two fully connected layers
+A backbone gives one feature vector per sample; two fully connected layers
 (1024, dropout) read it together with the current estimate (24 joint rotations in 6D, 10 betas,
 a weak-perspective camera) and predict a correction, three times (iterative error feedback),
 starting from the mean parameters. 6D -> rotation matrices through `fitting.geometry`.
+
+The backbones: torchvision's ResNets and a small residual network read the crop's pixels; the
+`keypoints` backbone reads the crop's 49 2D keypoints instead (normalized x, y and confidence, a
+missing keypoint's coordinates zeroed) through a small MLP, the 2D-pose-to-body-model design of
+pose-prior networks: an amortized SMPLify initializer that needs no pixels. `model_input` says
+what a regressor eats from a batch.
 
 The camera is weak perspective [s, tx, ty] in normalized crop coordinates. It becomes a camera
 translation with SPIN's focal length 5000 and 224-px crop, whatever the input resolution, so the
@@ -26,7 +32,8 @@ from fitting.errors import BadInput
 from fitting.geometry import rotmat_to_pose, sixd_to_rotmat
 from trainer.mean_params import load_mean_params
 
-BACKBONES = ("resnet50", "resnet18", "small")
+BACKBONES = ("resnet50", "resnet18", "small", "keypoints")
+NUM_KEYPOINTS = 49
 NUM_JOINTS = 24
 POSE_DIM = NUM_JOINTS * 6
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,10 +64,32 @@ def _small_backbone() -> nn.Sequential:
     )
 
 
-def build_backbone(name: str) -> tuple[nn.Module, int]:
-    """(backbone mapping (B, 3, H, W) -> (B, F), F) with random weights."""
+def keypoint_features(keypoints: torch.Tensor) -> torch.Tensor:
+    """(B, 49, 3) normalized keypoints + confidence -> (B, 147): x and y where the keypoint is
+    present and 0 where it is missing (confidence 0), then the confidences (the mask)."""
+    conf = torch.nan_to_num(keypoints[..., 2:3]).clamp(min=0.0)
+    xy = torch.where(conf > 0, torch.nan_to_num(keypoints[..., :2]), torch.zeros_like(keypoints[..., :2]))
+    return torch.cat([xy.flatten(1), conf.flatten(1)], dim=1)
+
+
+class KeypointEncoder(nn.Module):
+    """(B, 49, 3) keypoints -> (B, width) features: two ReLU layers on `keypoint_features`."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(NUM_KEYPOINTS * 3, width), nn.ReLU(inplace=True),
+                                    nn.Linear(width, width), nn.ReLU(inplace=True))
+
+    def forward(self, keypoints: torch.Tensor) -> torch.Tensor:
+        return self.layers(keypoint_features(keypoints))
+
+
+def build_backbone(name: str, encoder_width: int = 256) -> tuple[nn.Module, int]:
+    """(backbone mapping its input (`model_input`) -> (B, F), F) with random weights."""
     if name == "small":
         return _small_backbone(), 256
+    if name == "keypoints":
+        return KeypointEncoder(encoder_width), encoder_width
     if name not in ("resnet50", "resnet18"):
         raise BadInput(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
     net = getattr(torchvision.models, name)(weights=None)
@@ -79,8 +108,8 @@ def resolve_backbone_weights(name: str, spec: str | None) -> Path | None:
     """Where the backbone's initial weights come from: 'none' (random), 'auto' (torchvision's
     ImageNet file in the local hub cache; never downloads) or a file path. With 'auto', a
     torchvision backbone whose file is not in the cache is an error that says how to provide it:
-    never a silent start from random weights. The small backbone has no ImageNet weights: 'auto'
-    starts it from random ones (recorded as such)."""
+    never a silent start from random weights. The small and keypoints backbones have no ImageNet
+    weights: 'auto' starts them from random ones (recorded as such)."""
     if spec in (None, "", "none"):
         return None
     if spec == "auto":
@@ -142,10 +171,12 @@ def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], source: str,
 
 
 class Regressor(nn.Module):
-    """HMR with SPIN's 6D rotations. forward((B, 3, H, W) ImageNet-normalized) -> RegressorOutput.
+    """HMR with SPIN's 6D rotations. forward(model_input(self, batch)) -> RegressorOutput: the
+    input is (B, 3, H, W) ImageNet-normalized images, or (B, 49, 3) keypoints for the keypoints
+    backbone.
 
     `config` holds what rebuilds the network (stored in checkpoints); `img_res` is the input
-    size it was trained at, used by `predict` and evaluation.
+    size it was trained at, used by `predict` and evaluation (unused by the keypoints backbone).
     """
 
     def __init__(
@@ -157,13 +188,14 @@ class Regressor(nn.Module):
         n_iter: int = 3,
         hidden: int = 1024,
         dropout: float = 0.5,
+        encoder_width: int = 256,
     ):
         super().__init__()
         self.config = {"backbone": backbone, "img_res": int(img_res), "n_iter": int(n_iter),
-                       "hidden": int(hidden), "dropout": float(dropout)}
+                       "hidden": int(hidden), "dropout": float(dropout), "encoder_width": int(encoder_width)}
         self.img_res = int(img_res)
         self.n_iter = int(n_iter)
-        self.backbone, features = build_backbone(backbone)
+        self.backbone, features = build_backbone(backbone, int(encoder_width))
         weights_path = resolve_backbone_weights(backbone, backbone_weights)
         if weights_path is not None:
             load_backbone_weights(self.backbone, weights_path)
@@ -184,9 +216,14 @@ class Regressor(nn.Module):
         self.register_buffer("init_shape", torch.as_tensor(np.asarray(params["shape"]), dtype=torch.float32)[None])
         self.register_buffer("init_cam", torch.as_tensor(np.asarray(params["cam"]), dtype=torch.float32)[None])
 
-    def forward(self, images: torch.Tensor) -> RegressorOutput:
-        batch = images.shape[0]
-        features = self.backbone(images)
+    @property
+    def eats(self) -> str:
+        """'keypoints' or 'images': what the network reads from a sample."""
+        return "keypoints" if self.config["backbone"] == "keypoints" else "images"
+
+    def forward(self, inputs: torch.Tensor) -> RegressorOutput:
+        batch = inputs.shape[0]
+        features = self.backbone(inputs)
         pose = self.init_pose.expand(batch, -1)
         shape = self.init_shape.expand(batch, -1)
         cam = self.init_cam.expand(batch, -1)
@@ -197,6 +234,8 @@ class Regressor(nn.Module):
             pose = self.decpose(x) + pose
             shape = self.decshape(x) + shape
             cam = self.deccam(x) + cam
+        # under autocast the head runs in low precision; the rotations, body and losses do not
+        pose, shape, cam = pose.float(), shape.float(), cam.float()
         rotmat = sixd_to_rotmat(pose.reshape(batch, NUM_JOINTS, 6))
         return RegressorOutput(rotmat=rotmat, betas=shape, cam=cam, sixd=pose)
 
@@ -249,6 +288,15 @@ def cam_translation(cam: torch.Tensor) -> torch.Tensor:
 def axis_angle_pose(rotmat: torch.Tensor) -> torch.Tensor:
     """(B, 24, 3, 3) -> (B, 72) axis-angle, SMPL's layout."""
     return rotmat_to_pose(rotmat)
+
+
+def model_input(regressor: Regressor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What `regressor` reads from a batch (on its device): the (B, 49, 3) keypoints, or the
+    (B, 3, H, W) uint8 images ImageNet-normalized. Training, evaluation, prediction and fit
+    initialization all feed a regressor through this."""
+    if regressor.eats == "keypoints":  # in training, the keypoints after input dropout and jitter
+        return batch.get("input_keypoints", batch["keypoints"]).float()
+    return normalize_images(batch["image"])
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

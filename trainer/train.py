@@ -5,9 +5,14 @@
 the same weights as an uninterrupted run (batches and augmentation depend only on the seed and
 the step; the torch RNG state travels in last.pt). Checkpoints hold only tensors and plain
 values, so they load with torch.load(weights_only=True); the regressor's configuration is inside.
+
+A keypoints regressor trains on `KeypointBatches` (no image is decoded, no loader worker runs);
+an image regressor through the DataLoader. Both take the same steps, losses and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -21,23 +26,25 @@ from fitting.body_model import BodyModel
 from fitting.errors import BadInput
 from fitting.priors import GMMPrior
 from trainer.data.storage import atomic_local
-from trainer.data.tables import SAMPLES_SCHEMA, conform
+from trainer.data.tables import SAMPLES_SCHEMA, conform, to_numpy
 from trainer.dataset import (
+    KeypointBatches,
     MixedBatchSampler,
     SamplesDataset,
     StepBatchSampler,
+    lacks_images,
     make_loader,
     mixing_probabilities,
     read_samples,
 )
-from trainer.losses import compute_losses
+from trainer.losses import compute_losses, loss_body
 from trainer.mean_params import load_mean_params
 from trainer.model import (
     Regressor,
     axis_angle_pose,
     cam_translation,
     load_spin_weights,
-    normalize_images,
+    model_input,
     weights_record,
 )
 from trainer.train_config import TrainConfig
@@ -131,13 +138,15 @@ def _build_regressor(config: TrainConfig, init_from: str | Path | None) -> tuple
     """The regressor to train and the record of the weights its backbone started from (carried
     along warm starts, so the last round still names the ImageNet or SPIN file)."""
     kind, path = parse_init(init_from)
+    shape = {"hidden": config.head_hidden, "dropout": config.head_dropout, "encoder_width": config.encoder_width}
     if kind == "fresh":
         regressor = Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
-                              backbone_weights=config.backbone_weights)
+                              backbone_weights=config.backbone_weights, **shape)
         return regressor, regressor.backbone_weights
     if kind == "spin":
         # every weight comes from SPIN's file, its mean parameters included: the ImageNet file is not needed
-        regressor = Regressor(config.backbone, config.img_res, mean_params=_zero_mean_params(), backbone_weights="none")
+        regressor = Regressor(config.backbone, config.img_res, mean_params=_zero_mean_params(), backbone_weights="none",
+                              **shape)
         load_spin_weights(regressor, path)
         return regressor, weights_record(path, "spin")
     payload = read_checkpoint(path)
@@ -166,11 +175,28 @@ class _Meter:
         return {f"{prefix}{k}": float(np.mean(v)) for k, v in values.items()}
 
 
-def _train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The rate of step `step` (0-based) of a run of config.steps: constant, or cosine to 0."""
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
+    return config.lr
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """The network's forward under bfloat16 autocast when configured, else nothing."""
+    if config.autocast == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                 body_model: torch.nn.Module, config: TrainConfig, prior: torch.nn.Module | None, step: int) -> dict[str, float]:
     """One optimizer step; returns the total, each term's batch value and the gradient norm
     (before clipping)."""
-    out = regressor(normalize_images(batch["image"]))
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    with autocast(config, next(regressor.parameters()).device):
+        out = regressor(model_input(regressor, batch))
     result = compute_losses(out, batch, body_model, config.weights, config.mode, prior)
     if not torch.isfinite(result.total):
         raise BadInput(f"training diverged at step {step} (loss {float(result.total.detach())}); try a lower lr")
@@ -237,11 +263,17 @@ def train_regressor(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
-                             augment=config.augment if config.use_augmentation else None, seed=config.seed)
+    samples = read_samples(samples_dirs)
+    if config.backbone != "keypoints" and lacks_images(samples).any():
+        raise BadInput(f"{int(lacks_images(samples).sum())} of {len(samples)} training samples have no image (keypoint-only "
+                       f"rows): a {config.backbone} backbone reads pixels; train them with backbone: keypoints")
+    augment = config.augment if config.use_augmentation else None
+    dataset = SamplesDataset(samples, fits if config.mode == "fits" else None, config.img_res, augment=augment,
+                             seed=config.seed)
     if config.mode == "2d" and prior is None:
         raise BadInput("the 2D-only mode needs the run's pose prior")
-    body_model = body_model.to(device)
+    body_identity = body_model.identity
+    body_model = loss_body(body_model.to(device), config.weights)
     prior = prior.to(device) if prior is not None and config.mode == "2d" else None
 
     regressor, started_from = _build_regressor(config, init_from)
@@ -258,7 +290,11 @@ def train_regressor(
         sampler = MixedBatchSampler(rows, probabilities, config.batch_size, config.seed, start, config.steps)
     else:
         sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
-    loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    if regressor.eats == "keypoints":
+        keypoint_batches = KeypointBatches(dataset, augment, config.seed)
+        loader = (keypoint_batches.batch(keys, s) for s, keys in enumerate(sampler, start=start))
+    else:
+        loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
     drawn = np.zeros(len(dataset), np.int64)
     regressor.train()
     meter = _Meter()
@@ -266,10 +302,10 @@ def train_regressor(
     # a bar on a terminal only (disable=None): logs and pipes get the summary instead
     with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step", leave=False) as bar:
         for batch in loader:
-            values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
+            values = train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
             np.add.at(drawn, batch["row"].numpy(), 1)
             step += 1
-            images += len(batch["image"])
+            images += len(batch["row"])
             meter.add(values)
             bar.update(1)
             bar.set_postfix_str(f"loss {values['loss']:.4g}, {images / max(time.perf_counter() - started, 1e-9):.1f} samples/s")
@@ -288,10 +324,12 @@ def train_regressor(
                 save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state(),
                                          mix=mix, backbone_weights=started_from), last)
     seconds = time.perf_counter() - started
+    identity = getattr(body_model, "identity", None) or body_identity
     summary = {
         "steps": step, "trained_steps": step - start, "resumed_from": start or None,
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
+        "input": regressor.eats, "loss_body": type(body_model).__name__,
         "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
         "fitted_samples": int(dataset.targets["fit_valid"].sum()),
         "backbone": config.backbone, "backbone_weights": started_from,
@@ -300,7 +338,7 @@ def train_regressor(
                             "drawn": int(drawn[dataset.datasets == name].sum())}
                      for name, n in zip(names.tolist(), counts.tolist())},
         "mix": mix,
-        "loaded": {"body_model": body_model.identity, **({"prior": prior.identity} if prior is not None else {})},
+        "loaded": {"body_model": identity, **({"prior": prior.identity} if prior is not None else {})},
     }
     save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary, backbone_weights=started_from),
                     out_dir / "checkpoint.pt")
@@ -316,20 +354,33 @@ def predict(regressor: Regressor, table: pa.Table, batch_size: int = 64, device:
 
     Returns pose (N, 72) axis-angle, betas (N, 10), cam_t (N, 3) (SPIN's 5000 px / 224 px camera,
     the SMPLify initialization), cam (N, 3) weak perspective, and ok (N,): False where the image
-    could not be read (those rows are predicted from a black image)."""
+    could not be read (those rows are predicted from a black image); for a keypoints regressor,
+    False where the row has no keypoint at all (its prediction is the network's guess from nothing)."""
     device = resolve_device(device)
     regressor = regressor.to(device).eval()
     if len(table) == 0:
         return {"pose": np.zeros((0, 72), np.float32), "betas": np.zeros((0, 10), np.float32),
                 "cam_t": np.zeros((0, 3), np.float32), "cam": np.zeros((0, 3), np.float32), "ok": np.zeros(0, bool)}
-    dataset = SamplesDataset(conform(table, SAMPLES_SCHEMA), None, regressor.img_res, augment=None, drop_invalid=False)
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     parts: dict[str, list[np.ndarray]] = {"pose": [], "betas": [], "cam_t": [], "cam": [], "ok": []}
-    for batch in loader:
-        out = regressor(normalize_images(batch["image"].to(device)))
+    for batch in _prediction_batches(regressor, conform(table, SAMPLES_SCHEMA), batch_size, num_workers):
+        out = regressor(model_input(regressor, {k: v.to(device) for k, v in batch.items()}))
         parts["pose"].append(axis_angle_pose(out.rotmat).cpu().numpy())
         parts["betas"].append(out.betas.cpu().numpy())
         parts["cam_t"].append(cam_translation(out.cam).cpu().numpy())
         parts["cam"].append(out.cam.cpu().numpy())
-        parts["ok"].append(batch["usable"].numpy())
+        parts["ok"].append(batch["usable"].cpu().numpy())
     return {k: np.concatenate(v).astype(np.float32 if k != "ok" else bool) for k, v in parts.items()}
+
+
+def _prediction_batches(regressor: Regressor, table: pa.Table, batch_size: int, num_workers: int):
+    """Batches of a samples table in order, holding what the regressor reads and 'usable': the
+    keypoints straight from the table (no image is decoded), or the images through the loader."""
+    if regressor.eats == "keypoints":
+        keypoints = torch.from_numpy(np.nan_to_num(to_numpy(table, "keypoints")).astype(np.float32))
+        for start in range(0, len(keypoints), batch_size):
+            part = keypoints[start:start + batch_size]
+            yield {"keypoints": part, "usable": (part[..., 2] > 0).any(dim=1)}
+        return
+    dataset = SamplesDataset(table, None, regressor.img_res, augment=None, drop_invalid=False)
+    yield from ({"image": b["image"], "usable": b["usable"]}
+                for b in make_loader(dataset, batch_size=batch_size, num_workers=num_workers))

@@ -15,6 +15,10 @@ from trainer.losses import MODES, LossWeights
 from trainer.model import BACKBONES
 
 
+SCHEDULES = ("constant", "cosine")
+AUTOCAST = ("none", "bf16")
+
+
 @dataclass
 class TrainConfig(Settings):
     SECTION = "train"
@@ -37,6 +41,11 @@ class TrainConfig(Settings):
     log_every: int = 10
     threads: int = 0                 # torch intra-op threads; 0 = torch's default
     grad_clip: float = 100.0         # max global gradient norm (0: off): caps the step one bad batch can take
+    head_hidden: int = 1024          # width of the HMR head's two layers (SPIN: 1024)
+    head_dropout: float = 0.5        # dropout after each (SPIN: 0.5)
+    encoder_width: int = 256         # the keypoints backbone's MLP width
+    schedule: str = "constant"       # learning rate: 'constant' (SPIN) or 'cosine' (to 0 at the last step)
+    autocast: str = "none"           # 'bf16': the network's forward in bfloat16 (body model and losses stay float32)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -54,6 +63,12 @@ class TrainConfig(Settings):
             raise BadInput(f"grad_clip must be a finite number >= 0, got {self.grad_clip}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise BadInput(f"lr must be a positive number, got {self.lr}")
+        if self.head_hidden < 1 or self.encoder_width < 1 or not 0 <= self.head_dropout < 1:
+            raise BadInput("head_hidden and encoder_width must be >= 1 and head_dropout in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise BadInput(f"unknown schedule '{self.schedule}' (choose from {', '.join(SCHEDULES)})")
+        if self.autocast not in AUTOCAST:
+            raise BadInput(f"unknown autocast '{self.autocast}' (choose from {', '.join(AUTOCAST)})")
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -68,6 +83,16 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 500,
               "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none",
               "weights": {"keypoints": 0.5}, "grad_clip": 10.0},
+    # 2D keypoints in, no pixels: a small MLP encoder into a narrow head, trained on whole
+    # batches of keypoints (trainer.dataset.KeypointBatches). Adam 1e-3 decayed to 0 (cosine)
+    # over ~38 epochs of 20k people: enough for the head to learn its labels, where a constant
+    # rate of 1e-3 leaves it noisy. Dropout 0: the input is 147 numbers, the network is small.
+    # bf16 autocast halves the CPU time of the network and scored no worse (ground-truth labels,
+    # 4500 steps: 71.9 mm against 76.1 in float32).
+    "keypoints": {"backbone": "keypoints", "backbone_weights": "none", "batch_size": 512, "lr": 1e-3,
+                  "schedule": "cosine", "steps": 1500, "num_workers": 0, "checkpoint_every": 500, "log_every": 50,
+                  "head_hidden": 256, "head_dropout": 0.0, "encoder_width": 256, "autocast": "bf16",
+                  "augment": {"keypoint_dropout": 0.1, "keypoint_jitter": 0.01}},
     # the paper: ResNet-50 from ImageNet weights (torch's cache, or an error), 224 px, batch 64, Adam 5e-5
     "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
               "num_workers": 8, "checkpoint_every": 1000, "log_every": 50, "backbone_weights": "auto"},

@@ -19,7 +19,7 @@ from fitting.keypoints import GT24, SKELETON
 from fitting.render import draw_keypoints, overlay_mesh
 from trainer.data import datasets
 from trainer.data.ingest import Roots, ingest_rows, spin_rows
-from trainer.data.samples import DEFAULT_MIN_VISIBLE, decode_image, decode_mask, from_normalized
+from trainer.data.samples import DEFAULT_MIN_VISIBLE, blank_crop, decode_image, decode_mask, from_normalized
 from trainer.data.synth import SYNTH_PRESETS, SynthConfig
 from trainer.data.synth_run import generate
 from trainer.data.tables import SAMPLES_SCHEMA, read_table, shard_paths, to_numpy
@@ -164,7 +164,8 @@ def contact_sheet(directory: str, split: str | None = "train", num: int = 16, co
         pose, betas = to_numpy(table, "pose"), to_numpy(table, "betas")
     tiles = []
     for i, sid in enumerate(table.column("sample_id").to_pylist()):
-        image = cv2.resize(decode_image(table.column("image")[i].as_py()), (TILE, TILE), interpolation=cv2.INTER_LINEAR)
+        data = table.column("image")[i].as_py()   # none in a keypoint-only split: the keypoints on a blank crop
+        image = cv2.resize(blank_crop() if data is None else decode_image(data), (TILE, TILE), interpolation=cv2.INTER_LINEAR)
         group = [_label(draw_keypoints(image, from_normalized(keypoints[i], TILE), SKELETON, radius=3), sid)]
         if has_gt[i]:
             group.append(_mesh_tile(model, image, pose[i], betas[i], keypoints[i]))

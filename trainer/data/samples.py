@@ -52,6 +52,11 @@ def decode_image(data: bytes | None) -> np.ndarray:
     return np.ascontiguousarray(image[..., ::-1])
 
 
+
+def blank_crop(size: int = 128) -> np.ndarray:
+    """(size, size, 3) uint8 grey: what a keypoint-only sample (no image) is drawn on."""
+    return np.full((size, size, 3), 96, np.uint8)
+
 def encode_mask(mask: np.ndarray) -> bytes:
     """(H, W) bool or uint8 label map -> PNG bytes (bool masks are stored as 0/255)."""
     mask = np.asarray(mask)

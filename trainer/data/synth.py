@@ -43,6 +43,7 @@ PP_SOURCE = np.array([500.0, 500.0])
 # Joints whose skin makes the upper body, for crops that cut the legs off (truncation).
 UPPER_BODY = (0, 3, 6, 9, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 LIMB_JOINTS = (4, 5, 7, 8, 18, 19, 20, 21)
+LIMB_KEYPOINTS = tuple(k for k, source in enumerate(KEYPOINT_SOURCE) if source in LIMB_JOINTS)  # occluders aim here
 TORSO = (0, 3, 6, 9, 12, 13, 14)
 # Depth a joint may sit behind its own limb's surface and still count as visible (metres).
 SURFACE_TOL, FLESH_DEPTH = 0.03, 0.3
@@ -52,6 +53,13 @@ SYNTH_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"num_train": 160, "num_test": 64, "img_size": 96, "shard_size": 64},
     "small": {"num_train": 2000, "num_test": 400, "img_size": 128, "shard_size": 500},
     "full": {"num_train": 50000, "num_test": 5000, "img_size": 224, "shard_size": 2000},
+    # the keypoint regressor's benchmark: SMPLify and a keypoint-input regressor need no pixels, so
+    # the train split is 2D keypoints only (about a third of a rendered sample's CPU time,
+    # bench/keypoint_split.py) and ten times as large as small's; the test split is small's,
+    # rendered (overlays, segmentation)
+    "keypoints": {"num_train": 20000, "num_test": 400, "img_size": 128, "shard_size": 2000, "train_images": False},
+    # tests and CI: the keypoint-only path in seconds
+    "tiny-keypoints": {"num_train": 240, "num_test": 64, "img_size": 96, "shard_size": 120, "train_images": False},
 }
 
 
@@ -73,6 +81,7 @@ class SynthConfig(Settings):
     focal_ratio: tuple[float, float] = (2.5, 12.0)   # focal / crop side: perspective strength
     supersample: int = SUPERSAMPLE  # render at this multiple of img_size, then average down
     body_model: str | None = None   # None: the built-in model
+    train_images: bool = True       # False: the train split is keypoints without images (not rendered)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SynthConfig":
@@ -201,6 +210,24 @@ def place_and_crop(vertices: np.ndarray, dominant: np.ndarray, scene: Scene, siz
     return cam_t, center, scale, F_SOURCE * zoom, (PP_SOURCE - (center - 100 * scale)) * zoom
 
 
+def in_frame(kp_px: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(K,) bool: finite pixel positions (K, 2) inside a width x height image."""
+    finite = np.all(np.isfinite(kp_px), axis=1)
+    return finite & (kp_px[:, 0] >= 0) & (kp_px[:, 0] < width) & (kp_px[:, 1] >= 0) & (kp_px[:, 1] < height)
+
+
+def visible_keypoints(kp_cam: np.ndarray, inside: np.ndarray, surface: np.ndarray, joint: np.ndarray,
+                      own: np.ndarray) -> np.ndarray:
+    """(K,) bool: in frame and not behind another body part. kp_cam (K, 3) camera-frame keypoints;
+    inside (K,) in frame; surface (K,) depth of the visible surface at each keypoint (inf: none);
+    joint (K,) that surface's dominant joint; own (K, 24) joints whose surface a keypoint may be
+    seen through (see `keypoint_owners`)."""
+    z = kp_cam[:, 2]
+    in_front = ~np.isfinite(surface) | (z <= surface + SURFACE_TOL)
+    own_flesh = own[np.arange(len(own)), joint] & (z - surface <= FLESH_DEPTH)
+    return inside & (in_front | own_flesh)
+
+
 def keypoint_visibility(
     kp_cam: np.ndarray, kp_px: np.ndarray, depth: np.ndarray, joint_map: np.ndarray,
     own: np.ndarray, occluder: np.ndarray | None = None,
@@ -211,15 +238,9 @@ def keypoint_visibility(
     (inf = empty); joint_map (H, W) dominant joint of the visible surface; own (K, 24) joints
     whose surface a keypoint may be seen through (see `keypoint_owners`)."""
     h, w = depth.shape
-    finite = np.all(np.isfinite(kp_px), axis=1)
-    inside = finite & (kp_px[:, 0] >= 0) & (kp_px[:, 0] < w) & (kp_px[:, 1] >= 0) & (kp_px[:, 1] < h)
     cols = np.clip(np.nan_to_num(kp_px[:, 0]), 0, w - 1).astype(int)
     rows = np.clip(np.nan_to_num(kp_px[:, 1]), 0, h - 1).astype(int)
-    surface = depth[rows, cols]
-    z = kp_cam[:, 2]
-    in_front = ~np.isfinite(surface) | (z <= surface + SURFACE_TOL)
-    own_flesh = own[np.arange(len(own)), joint_map[rows, cols]] & (z - surface <= FLESH_DEPTH)
-    visible = inside & (in_front | own_flesh)
+    visible = visible_keypoints(kp_cam, in_frame(kp_px, w, h), depth[rows, cols], joint_map[rows, cols], own)
     if occluder is not None:
         visible &= ~occluder[rows, cols]
     return visible
@@ -274,20 +295,29 @@ def render_sample(ctx: SynthContext, scene: Scene, vertices: np.ndarray, keypoin
     kp_px = pinhole(kp_cam, focal, pp)
     image, occluder = body.image, np.zeros((size, size), bool)
     if rng.uniform() < occluder_prob:
-        targets = kp_px[[i for i, s in enumerate(KEYPOINT_SOURCE) if s in LIMB_JOINTS]]
-        image, occluder = draw_occluders(rng, image, targets, body.mask, int(rng.integers(1, 3)))
+        image, occluder = draw_occluders(rng, image, kp_px[list(LIMB_KEYPOINTS)], body.mask, int(rng.integers(1, 3)))
     zoomed = np.kron(occluder, np.ones((body.zoom, body.zoom), bool))
     visible = keypoint_visibility(kp_cam, kp_px * body.zoom, body.depth, body.joints, ctx.own, zoomed)
     image = camera_effects(rng, image)
-    keypoints2d = annotate_keypoints(rng, kp_px, visible, size)
-    in_frame = np.all((kp_px >= 0) & (kp_px < size), axis=1)
+    labels = sample_labels(rng, kp_cam, kp_px, visible, size)   # draws before the JPEG quality
     return {
         "image": encode_image(image, quality=int(rng.integers(80, 96))),
         "mask": encode_mask(body.mask), "part_mask": encode_mask(body.parts),
+        **labels, "center": center, "scale": scale, "cam_t": cam_t,
+    }
+
+
+def sample_labels(rng: np.random.Generator, kp_cam: np.ndarray, kp_px: np.ndarray, visible: np.ndarray,
+                  size: int) -> dict:
+    """A sample's labels from its camera-frame keypoints (49, 3), their crop pixels (49, 2) and
+    visibility (49,): the annotated keypoints and the clean projections (normalized, with
+    confidence), the visibility and the GT joints3d (24, 4)."""
+    keypoints2d = annotate_keypoints(rng, kp_px, visible, size)
+    framed = np.all((kp_px >= 0) & (kp_px < size), axis=1)
+    return {
         "keypoints": to_normalized(keypoints2d, size),
-        "clean": to_normalized(np.concatenate([kp_px, in_frame[:, None]], 1), size),
-        "center": center, "scale": scale, "cam_t": cam_t, "visible": visible,
-        "joints3d": np.concatenate([kp_cam[list(GT24)], np.ones((24, 1))], 1),
+        "clean": to_normalized(np.concatenate([kp_px, framed[:, None]], 1), size),
+        "visible": visible, "joints3d": np.concatenate([kp_cam[list(GT24)], np.ones((24, 1))], 1),
     }
 
 
@@ -295,21 +325,38 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed + SEED_OFFSET, SPLIT_CODES[split], index])
 
 
-def render_chunk(cfg: SynthConfig, split: str, start: int, stop: int) -> list[dict]:
-    """Samples start..stop-1 of a split: scenes drawn per sample, one batched body-model pass,
-    then per-sample rendering. Returns one record per sample (see `render_sample`) plus its
-    sample_id, pose and betas."""
-    ctx = synth_context(cfg.body_model)
+@dataclass
+class PosedPeople:
+    """The scenes of a run of samples and their posed bodies (no translation yet)."""
+    rngs: list[np.random.Generator]
+    scenes: list[Scene]
+    pose: np.ndarray        # (N, 72)
+    betas: np.ndarray       # (N, 10)
+    vertices: np.ndarray    # (N, V, 3) float64
+    keypoints: np.ndarray   # (N, 49, 3) float64
+
+    def record(self, k: int, sample: dict, split: str, index: int) -> dict:
+        """A sample's record: its labels plus sample_id, pose and betas."""
+        return {**sample, "sample_id": f"synth-{split}-{index:06d}", "pose": self.pose[k], "betas": self.betas[k]}
+
+
+def posed_people(ctx: SynthContext, cfg: SynthConfig, split: str, start: int, stop: int) -> PosedPeople:
+    """Samples start..stop-1 of a split: scenes drawn per sample, then one batched body-model pass."""
     rngs = [sample_rng(cfg.seed, split, i) for i in range(start, stop)]
     scenes = [sample_scene(rng, cfg) for rng in rngs]
     pose = torch.as_tensor(np.stack([scene_pose(s) for s in scenes]), dtype=torch.float32)
     betas = torch.as_tensor(np.stack([s.betas for s in scenes]), dtype=torch.float32)
     with torch.no_grad():
         out = ctx.model(pose, betas)
-    records = []
-    for k, index in enumerate(range(start, stop)):
-        record = render_sample(ctx, scenes[k], out.vertices[k].double().numpy(), out.keypoints[k].double().numpy(),
-                               rngs[k], cfg.img_size, cfg.occluder_prob, cfg.supersample)
-        record.update(sample_id=f"synth-{split}-{index:06d}", pose=pose[k].numpy(), betas=betas[k].numpy())
-        records.append(record)
-    return records
+    return PosedPeople(rngs, scenes, pose.numpy(), betas.numpy(), out.vertices.double().numpy(),
+                       out.keypoints.double().numpy())
+
+
+def render_chunk(cfg: SynthConfig, split: str, start: int, stop: int) -> list[dict]:
+    """Samples start..stop-1 of a split, rendered. Returns one record per sample (see
+    `render_sample`) plus its sample_id, pose and betas."""
+    ctx = synth_context(cfg.body_model)
+    people = posed_people(ctx, cfg, split, start, stop)
+    return [people.record(k, render_sample(ctx, people.scenes[k], people.vertices[k], people.keypoints[k], people.rngs[k],
+                                           cfg.img_size, cfg.occluder_prob, cfg.supersample), split, index)
+            for k, index in enumerate(range(start, stop))]

@@ -1,6 +1,7 @@
-"""Writing the synthetic benchmark: chunks of samples rendered in parallel, in index order, into
-DIR/train (2D labels only), DIR/test (3D truth, masks), DIR/truth (the train split's truth, for
-evaluating pseudo-labels; training never reads it) and DIR/dataset.json.
+"""Writing the synthetic benchmark: chunks of samples made in parallel, in index order, into
+DIR/train (2D labels only; without images when the config says `train_images: false`), DIR/test
+(rendered, with 3D truth and masks), DIR/truth (the train split's truth, for evaluating
+pseudo-labels; training never reads it) and DIR/dataset.json.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from fitting.errors import BadInput
 from trainer.data.synth import SynthConfig, render_chunk
+from trainer.data.synth_keypoints import keypoint_chunk
 from trainer.data.tables import SAMPLES_SCHEMA, make_table, write_table
 
 CHUNK = 16   # samples per body-model batch and per task; fixed, so output never depends on workers
@@ -51,7 +53,7 @@ class ShardWriter:
 
 def _sample_row(record: dict, split: str) -> dict:
     row = {
-        "sample_id": record["sample_id"], "dataset": "synth", "image": record["image"],
+        "sample_id": record["sample_id"], "dataset": "synth", "image": record.get("image"),  # None: keypoints only
         "center": record["center"], "scale": float(record["scale"]), "keypoints": record["keypoints"],
         "has_smpl": False,  # the test split's truth is for evaluation, never supervision
     }
@@ -67,6 +69,13 @@ def _truth_row(record: dict) -> dict:
         "sample_id": record["sample_id"], "dataset": "synth", "keypoints": record["clean"],
         "has_smpl": True, "pose": record["pose"], "betas": record["betas"], "joints3d": record["joints3d"],
     }
+
+
+def make_chunk(cfg: SynthConfig, split: str, start: int, stop: int) -> list[dict]:
+    """Samples start..stop-1 of a split: rendered, or keypoints only for a train split without images."""
+    if split == "train" and not cfg.train_images:
+        return keypoint_chunk(cfg, split, start, stop)
+    return render_chunk(cfg, split, start, stop)
 
 
 def _init_worker() -> None:
@@ -87,7 +96,7 @@ def _run(cfg: SynthConfig, jobs: list, workers: int) -> Iterator[tuple[str, list
         torch.set_num_threads(1)
         try:
             for split, start, stop in jobs:
-                yield split, render_chunk(cfg, split, start, stop)
+                yield split, make_chunk(cfg, split, start, stop)
         finally:
             torch.set_num_threads(threads)
         return
@@ -96,14 +105,14 @@ def _run(cfg: SynthConfig, jobs: list, workers: int) -> Iterator[tuple[str, list
         pending: deque = deque()
         queue = iter(jobs)
         for job in queue:
-            pending.append((job[0], pool.submit(render_chunk, cfg, *job)))
+            pending.append((job[0], pool.submit(make_chunk, cfg, *job)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
             split, future = pending.popleft()
             job = next(queue, None)
             if job is not None:
-                pending.append((job[0], pool.submit(render_chunk, cfg, *job)))
+                pending.append((job[0], pool.submit(make_chunk, cfg, *job)))
             yield split, future.result()
 
 

@@ -129,34 +129,47 @@ def random_light(rng: np.random.Generator) -> np.ndarray:
     return d / np.linalg.norm(d)
 
 
-def draw_occluders(
-    rng: np.random.Generator, image: np.ndarray, targets: np.ndarray, person_mask: np.ndarray,
-    count: int, max_cover: float = 0.3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw `count` rectangles or ellipses over target points (K, 2) (limb keypoints, crop px),
-    skipping any occluder that would hide more than `max_cover` of the person's silhouette.
-    Returns (image, occluder mask (H, W) bool); the input image is not modified."""
-    size = image.shape[0]
-    out = image.copy()
-    occluded = np.zeros(image.shape[:2], bool)
+def place_occluders(
+    rng: np.random.Generator, size: int, targets: np.ndarray, person_mask: np.ndarray, count: int,
+    max_cover: float = 0.3, textured: bool = True,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray | None]]]:
+    """Up to `count` rectangles or ellipses over target points (K, 2) (limb keypoints, crop px),
+    skipping any that would hide more than `max_cover` of the person's silhouette (H, W) bool.
+    Returns the occluder mask (H, W) bool and the kept shapes, each with its texture
+    (size, size, 3) when `textured` (else None: the labels need only the mask)."""
+    occluded = np.zeros((size, size), bool)
     area = max(int(person_mask.sum()), 1)
+    kept = []
     for _ in range(count):
         target = targets[rng.integers(len(targets))] + rng.normal(0, 0.04 * size, 2)
         axes = rng.uniform(0.06, 0.2, 2) * size
         angle = rng.uniform(0, 180)
-        shape = np.zeros(image.shape[:2], np.uint8)
+        shape = np.zeros((size, size), np.uint8)
         centre = tuple(int(round(v)) for v in target)
         if rng.uniform() < 0.5:
             box = cv2.boxPoints((target.tolist(), (2 * axes).tolist(), angle)).astype(np.int32)
             cv2.fillPoly(shape, [box], 1)
         else:
             cv2.ellipse(shape, centre, tuple(int(v) for v in axes), angle, 0, 360, 1, -1)
-        fill = texture(rng, size)
+        fill = texture(rng, size) if textured else None
         candidate = occluded | shape.astype(bool)
         if (candidate & person_mask).sum() > max_cover * area:
             continue
         occluded = candidate
-        out[shape.astype(bool)] = fill[shape.astype(bool)].astype(np.uint8)
+        kept.append((shape.astype(bool), fill))
+    return occluded, kept
+
+
+def draw_occluders(
+    rng: np.random.Generator, image: np.ndarray, targets: np.ndarray, person_mask: np.ndarray,
+    count: int, max_cover: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`place_occluders`, painted with their textures. Returns (image, occluder mask (H, W) bool);
+    the input image is not modified."""
+    occluded, kept = place_occluders(rng, image.shape[0], targets, person_mask, count, max_cover)
+    out = image.copy()
+    for shape, fill in kept:
+        out[shape] = fill[shape].astype(np.uint8)
     return out, occluded
 
 
