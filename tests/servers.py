@@ -146,7 +146,7 @@ def mlflow_server(root: Path, timeout: float = 180.0) -> Iterator[MlflowServer]:
         wait_http(f"http://{LOOPBACK}:{port}/health", proc, timeout, log)
         yield MlflowServer(f"http://{LOOPBACK}:{port}", store, artifacts, proc.pid)
     finally:
-        stop_group(proc)
+        stop_group(proc, grace=5.0)
 
 
 # ---------------------------------------------------------------------------- Ray
