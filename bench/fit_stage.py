@@ -41,7 +41,7 @@ def make_data(out: Path, rows: int, shard_rows: int, seed: int = 7) -> None:
     from fitting.body_model import load_body_model
     from fitting.camera import pixels_to_normalized
     from smplify import make_people  # bench/smplify.py
-    from trainer.tables import SAMPLES_SCHEMA, make_table, write_shards
+    from trainer.data.tables import SAMPLES_SCHEMA, make_table, write_shards
 
     people = make_people(load_body_model(), rows, seed, noise_px=2.0, drop=0.1, device="cpu")
     keypoints = pixels_to_normalized(people["keypoints"], 224).numpy()

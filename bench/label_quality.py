@@ -31,10 +31,11 @@ from pipeline import rundir  # noqa: E402
 from pipeline.ablation import truth_table  # noqa: E402
 from pipeline.config import yaml_settings  # noqa: E402
 from pipeline.evaluation import read_split  # noqa: E402
-from pipeline.fit_stage import read_fits  # noqa: E402
+from pipeline.rundir import read_fits  # noqa: E402
 from trainer.evaluate import evaluate_fits, evaluate_regressor  # noqa: E402
-from trainer.tables import SAMPLES_SCHEMA, write_shards  # noqa: E402
-from trainer.train import TRAIN_PRESETS, TrainConfig, load_regressor, train_regressor  # noqa: E402
+from trainer.data.tables import SAMPLES_SCHEMA, write_shards  # noqa: E402
+from trainer.train import load_regressor, train_regressor  # noqa: E402
+from trainer.train_config import TRAIN_PRESETS, train_config  # noqa: E402
 
 
 def train_images_with_truth(data: Path, truth: pa.Table, out: Path, num: int) -> Path:
@@ -79,9 +80,8 @@ def main() -> None:
         parser.error(f"unknown label sources {sorted(unknown)} (choose from {', '.join(sources)})")
     body = load_body_model(None)
     truth = read_split(data, "truth")
-    config = {**TRAIN_PRESETS[args.preset], **overrides, "steps": args.steps, "seed": args.seed, "checkpoint_every": 10**9}
     try:
-        TrainConfig.from_dict(config)
+        config = train_config(args.preset, {**overrides, "steps": args.steps, "seed": args.seed, "checkpoint_every": 10**9})
     except BadInput as exc:
         parser.error(str(exc))
     rows = {}

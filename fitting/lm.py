@@ -19,19 +19,22 @@ from typing import Callable
 import torch
 
 from fitting.errors import BadInput
+from fitting.settings import Settings
 
 Linearize = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Energy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class LMSettings:
+class LMSettings(Settings):
     """damping: the first lambda (relative to diag(J^T J)); a sample has converged when a step
     lowers its energy by less than ftol * energy + atol (atol ends zero-residual problems, whose
     relative decrease never gets small); max_iterations: a cap on the steps per sample below
     the stage's own `iterations` (which stays the budget of gradient solvers); max_damping:
     the lambda at which a sample gives up on descent; min_diagonal: the floor of diag(J^T J)
     in the damping, for unknowns that no residual sees."""
+    SECTION = "lm"
+
     damping: float = 1e-2
     ftol: float = 1e-3
     atol: float = 1e-2
@@ -39,16 +42,18 @@ class LMSettings:
     max_damping: float = 1e7
     min_diagonal: float = 1e-6
 
+    def __post_init__(self) -> None:
+        ok = (self.damping > 0 and self.ftol >= 0 and self.atol >= 0 and self.max_iterations >= 0
+              and self.max_damping > self.damping and self.min_diagonal > 0)
+        if not ok:
+            raise BadInput(f"options must satisfy damping > 0, ftol >= 0, atol >= 0, max_iterations >= 0, "
+                           f"max_damping > damping, min_diagonal > 0; got {self}")
+
     @classmethod
     def from_options(cls, options: dict) -> "LMSettings":
         """The settings named in a stage's options; other solvers' options are left alone."""
-        out = cls(**{f.name: float(options[f.name]) for f in fields(cls) if f.name in options})
-        ok = (out.damping > 0 and out.ftol >= 0 and out.atol >= 0 and out.max_iterations >= 0
-              and out.max_damping > out.damping and out.min_diagonal > 0)
-        if not ok:
-            raise BadInput(f"lm: options must satisfy damping > 0, ftol >= 0, atol >= 0, max_iterations >= 0, "
-                           f"max_damping > damping, min_diagonal > 0; got {out}")
-        return out
+        names = {f.name for f in fields(cls)}
+        return cls.from_dict({k: v for k, v in options.items() if k in names})
 
 
 @dataclass

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from fitting.errors import BadInput
+from fitting.pose_sampler import sample_body_poses
+from fitting.priors import GMMPrior, builtin_prior_path, fit_gmm
 
 
 @click.group()
@@ -28,9 +31,6 @@ def build(out: Path | None, num_poses: int, seed: int, components: int, variety:
 
     Poses come from the built-in pose sampler; scikit-learn fits a full-covariance mixture,
     saved in gmm_08's layout (means, covars, weights)."""
-    from fitting.pose_sampler import sample_body_poses
-    from fitting.priors import GMMPrior, builtin_prior_path, fit_gmm
-
     if num_poses <= 0 or components <= 0:
         raise BadInput("--num-poses and --components must be positive")
     out = builtin_prior_path() if out is None else out
@@ -41,8 +41,6 @@ def build(out: Path | None, num_poses: int, seed: int, components: int, variety:
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(out)
-    import torch
-
     energy = prior_model(torch.as_tensor(poses[:2000]))
     click.echo(json.dumps({
         "out": str(out), "num_poses": num_poses, "seed": seed, "components": components,

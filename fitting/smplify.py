@@ -9,7 +9,7 @@ optimization while the rest of the batch is fitted.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -28,71 +28,18 @@ from fitting.objective import (
     reprojection_loss,
 )
 from fitting.priors import GMMPrior
+from fitting.settings import Settings
 from fitting.solvers import SOLVERS, StageProblem, get_solver
+from fitting.stages import PARAMETERS, StageConfig, default_stages
 
-PARAMETERS = ("global_orient", "body_pose", "betas", "cam_t")
 FORWARDS = ("keypoints", "mesh")
-STAGE_DEFAULTS = {"camera": ("global_orient", "cam_t"), "body": ("body_pose", "betas", "global_orient")}
-
-
-def _from_dict(cls, data: dict, what: str) -> dict:
-    if not isinstance(data, dict):
-        raise BadInput(f"{what}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise BadInput(f"{what}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    return dict(data)
 
 
 @dataclass
-class StageConfig:
-    """One stage: `name` picks the energy ('camera' | 'body'), `optimize` the free parameters
-    (default per stage as in SPIN), `solver` the solver by name, `options` solver settings."""
-    name: str
-    iterations: int = 100
-    lr: float = 1e-2
-    optimize: tuple[str, ...] = ()
-    solver: str = "lm"
-    options: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.name not in STAGE_DEFAULTS:
-            raise BadInput(f"stage name must be one of {', '.join(STAGE_DEFAULTS)}, got '{self.name}'")
-        self.optimize = tuple(self.optimize) or STAGE_DEFAULTS[self.name]
-        bad = [p for p in self.optimize if p not in PARAMETERS]
-        if bad:
-            raise BadInput(f"stage '{self.name}': cannot optimize '{bad[0]}' (choose from {', '.join(PARAMETERS)})")
-        integer = isinstance(self.iterations, (int, np.integer)) and not isinstance(self.iterations, bool)
-        if not integer or self.iterations < 0:
-            raise BadInput(f"stage '{self.name}': iterations must be an integer >= 0, got {self.iterations!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise BadInput(f"stage '{self.name}': lr must be > 0, got {self.lr!r}")
-        if self.solver not in SOLVERS:
-            raise BadInput(f"stage '{self.name}': unknown solver '{self.solver}' (known: {', '.join(sorted(SOLVERS))})")
-        self.iterations, self.lr, self.options = int(self.iterations), float(self.lr), dict(self.options)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "StageConfig":
-        return cls(**_from_dict(cls, data, "smplify stage"))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "optimize": list(self.optimize)}
-
-
-def default_stages() -> list[StageConfig]:
-    """SPIN's two stages (100 steps at lr 1e-2 each under `solver: adam`), solved by
-    Levenberg-Marquardt, which stops each sample when it converges. The camera stage only
-    places the body for the body stage, which frees the orientation again: it stops at a looser
-    tolerance and after 12 steps. The body stage stops after 20 (about 2% of samples would take
-    longer, for little gain), so that a few slow samples do not hold up a whole batch."""
-    return [StageConfig("camera", 100, 1e-2, options={"ftol": 1e-2, "max_iterations": 12}),
-            StageConfig("body", 100, 1e-2, options={"max_iterations": 20})]
-
-
-@dataclass
-class SmplifyConfig:
+class SmplifyConfig(Settings):
     """SPIN's SMPLify settings; weights are the square roots of the energy weights, as in SPIN."""
+    SECTION = "smplify"
+
     stages: list[StageConfig] = field(default_factory=default_stages)
     sigma: float = 100.0
     pose_prior_weight: float = 4.78
@@ -108,29 +55,23 @@ class SmplifyConfig:
     forward: str = "keypoints"
 
     def __post_init__(self) -> None:
-        self.stages = [s if isinstance(s, StageConfig) else StageConfig.from_dict(s) for s in self.stages]
+        unknown = [s.solver for s in self.stages if s.solver not in SOLVERS]
+        if unknown:
+            raise BadInput(f"unknown solver '{unknown[0]}' (known: {', '.join(sorted(SOLVERS))})")
         if self.forward not in FORWARDS:
-            raise BadInput(f"smplify: 'forward' must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
+            raise BadInput(f"'forward' must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("stages", "forward") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                       or not np.isfinite(value) or value < 0):
-                raise BadInput(f"smplify: '{f.name}' must be a finite number >= 0, got {value!r}")
+            if f.name not in ("stages", "forward") and not (np.isfinite(value) and value >= 0):
+                raise BadInput(f"'{f.name}' must be a finite number >= 0, got {value!r}")
         if self.sigma <= 0 or self.focal_length <= 0 or self.img_res <= 0:
-            raise BadInput("smplify: sigma, focal_length and img_res must be > 0")
+            raise BadInput("sigma, focal_length and img_res must be > 0")
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "SmplifyConfig":
-        data = _from_dict(cls, data, "smplify")
-        if "stages" in data:
-            if not isinstance(data["stages"], (list, tuple)):
-                raise BadInput("smplify: 'stages' must be a list of stages")
-            data["stages"] = [StageConfig.from_dict(s) for s in data["stages"]]
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stages"}
-        return {"stages": [s.to_dict() for s in self.stages], **out}
+    def with_solver(self, solver: str) -> "SmplifyConfig":
+        """These settings with every stage solved by `solver` ('' keeps each stage's own)."""
+        if not solver:
+            return self
+        return replace(self, stages=[replace(stage, solver=solver) for stage in self.stages])
 
 
 @dataclass

@@ -12,15 +12,13 @@ otherwise). Register another with `register_solver(name, fn)`; stages pick it by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from fitting.errors import BadInput
 from fitting.lm import LMSettings, levenberg_marquardt
-
-if TYPE_CHECKING:
-    from fitting.smplify import StageConfig
+from fitting.stages import StageConfig
 
 Params = dict[str, torch.Tensor]
 
@@ -54,7 +52,7 @@ class StageResult:
     iterations: torch.Tensor   # (B,) long, iterations each sample ran
 
 
-Solver = Callable[[StageProblem, "StageConfig"], StageResult]
+Solver = Callable[[StageProblem, StageConfig], StageResult]
 
 
 class BestTracker:
@@ -75,7 +73,7 @@ class BestTracker:
             self.params[k] = torch.where(better[:, None], v.detach(), self.params[k])
 
 
-def adam(problem: StageProblem, stage: "StageConfig") -> StageResult:
+def adam(problem: StageProblem, stage: StageConfig) -> StageResult:
     """SPIN's solver: Adam on the summed energy for `stage.iterations` steps.
 
     Adam's update is elementwise, so summing the batch leaves every sample's trajectory as if
@@ -151,7 +149,7 @@ def compose_rotvec(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return q[..., :3] * torch.where(small, 2.0 / q[..., 3:].clamp_min(1e-7), angle / torch.where(small, 1.0, vector))
 
 
-def lm(problem: StageProblem, stage: "StageConfig") -> StageResult:
+def lm(problem: StageProblem, stage: StageConfig) -> StageResult:
     """Levenberg-Marquardt on the stage's residuals, at most `stage.iterations` (and the option
     max_iterations) steps per sample, each sample stopping on its own (see fitting.lm). Options:
     the fields of LMSettings; `lr` is not used."""

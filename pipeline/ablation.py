@@ -23,12 +23,25 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
+from fitting.body_model import load_body_model
+from fitting.camera import normalized_to_pixels
+from fitting.priors import load_prior
+from fitting.smplify import FitInit, fit, mean_init
 from pipeline import rundir
 from pipeline.config import RunConfig, apply_overrides, save_config, yaml_settings
 from pipeline.demo import ensure_benchmark
-from pipeline.rounds import eval_round, headline, run_pipeline, train_config_for
+from pipeline.evaluation import read_split
+from pipeline.report import headline
+from pipeline.rounds import eval_round, run_pipeline
 from pipeline.tracking import Tracker
+from trainer.data.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy, write_table
+from trainer.evaluate import evaluate_fits, evaluate_mean_pose
+from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+from trainer.train import load_regressor, predict, train_regressor
+from trainer.train_config import train_config
 
 ARMS = ("2d-only", "static", "loop")
 LABELS = {arm: arm for arm in ARMS} | {"oracle": "ground-truth labels"}  # table rows, plot legend
@@ -47,14 +60,11 @@ def arm_config(base: RunConfig, arm: str, steps: int, rounds: int) -> RunConfig:
 
 def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, Any]:
     """The baseline: no fits at all, keypoints and priors only."""
-    from trainer.train import train_regressor
-
     if rundir.is_done(run, 0, "model"):
         return rundir.read_success(run, 0, "model")
-    train_config = train_config_for(config)
-    child = tracker.child("train-2d-only", train_config.to_dict())
+    child = tracker.child("train-2d-only", config.training.to_dict())
     data = Path(config.data) / "train"
-    summary = train_regressor(train_config, [data], None, rundir.step_dir(run, 0, "model"),
+    summary = train_regressor(config.training, [data], None, rundir.step_dir(run, 0, "model"),
                               log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
     rundir.mark_done(run, 0, "model", {**summary, "round": 0})
     tracker.finish(child)
@@ -64,10 +74,6 @@ def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, A
 def truth_table(truth: pa.Table) -> pa.Table:
     """The train split's ground truth (its sample_id, has_smpl, pose and betas) in the fits schema
     (init 'gt'): labels that train through the same code as the fits."""
-    import pyarrow.compute as pc
-
-    from trainer.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy
-
     truth = truth.filter(pc.fill_null(truth.column("has_smpl"), False))
     n = len(truth)
     return make_table({
@@ -80,9 +86,6 @@ def truth_table(truth: pa.Table) -> pa.Table:
 
 def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
     """The oracle arm's round 0: the truth table in place of the fits."""
-    from pipeline.evaluation import read_split
-    from trainer.tables import write_table
-
     if rundir.is_done(run, 0, "fits"):
         return rundir.read_success(run, 0, "fits")
     table = truth_table(read_split(config.data, "truth", ["sample_id", "has_smpl", "pose", "betas"]))
@@ -94,20 +97,8 @@ def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
 
 def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int = 256) -> dict[str, Any]:
     """SMPLify from the mean vs from the final loop regressor, on the same train samples."""
-    import torch
-
-    from fitting.body_model import load_body_model
-    from fitting.camera import normalized_to_pixels
-    from fitting.priors import load_prior
-    from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init
-    from pipeline.evaluation import read_split
-    from trainer.evaluate import evaluate_fits
-    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-    from trainer.tables import FITS_SCHEMA, make_table, to_numpy
-    from trainer.train import load_regressor, predict
-
     body, prior = load_body_model(config.body_model or None), load_prior(config.prior or None)
-    smplify = SmplifyConfig.from_dict(_smplify_dict(config))
+    smplify = config.smplify
     samples = read_split(config.data, "train").slice(0, num)
     keypoints = normalized_to_pixels(torch.from_numpy(to_numpy(samples, "keypoints").copy()))
     mean = load_mean_params()
@@ -135,22 +126,9 @@ def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int
 
 def mean_pose_reference(config: RunConfig) -> dict[str, Any]:
     """Test-split metrics of predicting the regressors' mean parameters for every image."""
-    from fitting.body_model import load_body_model
-    from trainer.evaluate import evaluate_mean_pose
-    from trainer.mean_params import load_mean_params, mean_pose_axis_angle
-
     mean = load_mean_params()
     return evaluate_mean_pose([Path(config.data) / "test"], load_body_model(config.body_model or None),
                               mean_pose_axis_angle(mean), np.asarray(mean["shape"], np.float32))
-
-
-def _smplify_dict(config: RunConfig) -> dict[str, Any]:
-    from fitting.smplify import SmplifyConfig
-
-    smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()
-    if config.fit.solver:
-        smplify["stages"] = [{**s, "solver": config.fit.solver} for s in smplify["stages"]]
-    return smplify
 
 
 def table_markdown(results: dict[str, Any]) -> str:
@@ -183,7 +161,7 @@ def table_markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out_png: Path) -> Path:
-    import matplotlib
+    import matplotlib  # here: seconds to import, and the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -227,18 +205,15 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
     benchmark, with an oracle arm trained on ground-truth labels as their ceiling. Writes
     OUT/ablation.json, OUT/ablation.md and a plot; all arms are comparable runs in OUT/mlflow.db
     (experiment 'ablation'). Rerunning resumes finished steps."""
-    from trainer.train import TRAIN_PRESETS
-
     start = time.perf_counter()
     out = Path(out_dir)
-    steps = steps or rounds * int(TRAIN_PRESETS[preset]["steps"])
+    steps = steps or rounds * train_config(preset).steps
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     train = yaml_settings(train_settings, "--train")
     base = RunConfig.from_dict({"data": str((out / "data").resolve()), "rounds": rounds, "seed": seed,
                                 "train_preset": preset, "train": train,
                                 "fit": {"solver": solver or ""},
-                                "tracking": {"experiment": "ablation", "tracking_uri": uri}})
-    train_config_for(base)  # a bad setting fails now, not after the benchmark is rendered
+                                "tracking": {"experiment": "ablation", "tracking_uri": uri}})  # read whole, before any work
     dataset = ensure_benchmark(out / "data", preset, seed)
     results: dict[str, Any] = {"preset": preset, "rounds": rounds, "total_steps": steps, "seed": seed,
                                "dataset": dataset.get("counts"), "arms": {}}

@@ -17,9 +17,10 @@ from fitting.camera import IMG_RES, estimate_translation, normalized_to_pixels
 from fitting.priors import load_prior
 from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
 from pipeline import rundir
-from trainer import storage
-from trainer.tables import FITS_SCHEMA, make_table, read_table, to_numpy
-
+from trainer.data import storage
+from trainer.data.tables import FITS_SCHEMA, make_table, read_table, to_numpy
+from trainer.mean_params import load_mean_params, mean_pose_axis_angle
+from trainer.train import load_regressor, predict
 
 
 def keep_new(new_loss: np.ndarray, old_loss: np.ndarray) -> np.ndarray:
@@ -59,10 +60,8 @@ class BatchFitter:
         self.config = SmplifyConfig.from_dict(spec.smplify)
         self.regressor = None
         if spec.checkpoint:
-            from trainer.train import load_regressor
             # a checkpoint on an object store is read from a local copy, once per machine
             self.regressor = load_regressor(storage.local_copy(spec.checkpoint), device=self.device)
-        from trainer.mean_params import load_mean_params, mean_pose_axis_angle
         mean = load_mean_params()
         self.mean_pose = torch.as_tensor(mean_pose_axis_angle(mean), dtype=torch.float32)
         self.mean_betas = torch.as_tensor(mean["shape"], dtype=torch.float32)
@@ -87,7 +86,6 @@ class BatchFitter:
         has_smpl = self._has_smpl(batch)
         init_kind = np.full(n, "mean", dtype=object)
         if self.regressor is not None:
-            from trainer.train import predict
             pred = predict(self.regressor, batch, device=self.device)
             init = FitInit(*(torch.as_tensor(pred[k], dtype=torch.float32, device=self.device)
                              for k in ("pose", "betas", "cam_t")))

@@ -15,7 +15,7 @@ from fitting.errors import BadInput
 # name -> ("module:attribute", one-line help shown by `spin-pipeline --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pipeline.demo:demo", "The whole loop on the built-in benchmark, in minutes on a CPU."),
-    "data": ("trainer.data_cli:data", "Make the synthetic benchmark, ingest SPIN .npz datasets, inspect shards."),
+    "data": ("trainer.data.cli:data", "Make the synthetic benchmark, ingest SPIN .npz datasets, inspect shards."),
     "fit": ("pipeline.fit_stage:fit", "One SMPLify round over the sample shards on Ray."),
     "train": ("pipeline.rounds:train", "Train regressor N on round N's best-fit table."),
     "run": ("pipeline.rounds:run", "The alternating driver: fit 0, train 0, fit 1, ...; resumes."),

@@ -1,22 +1,31 @@
 """One YAML configuration per run, written to RUN/config.yaml. Command-line flags override it.
 
 The sections mirror the rooms: `fit` (the Ray stage and SMPLify overrides), `train` (a trainer
-preset plus overrides), `tracking` (MLflow). Unknown keys are errors, so a typo never passes silently.
+preset plus overrides), `tracking` (MLflow). The whole configuration is read when it is loaded:
+`fit.smplify` (with `fit.solver`) as `RunConfig.smplify`, `train_preset` and `train` as
+`RunConfig.training`. So a typo or a bad value stops a command before any work, and RUN/config.yaml
+keeps only what the run sets.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fitting.errors import BadInput
+from fitting.settings import Settings, read_yaml
+from fitting.smplify import SmplifyConfig
+from fitting.solvers import SOLVERS
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.train_config import TrainConfig, train_config
 
 
 @dataclass
-class FitStageConfig:
+class FitStageConfig(Settings):
+    SECTION = "config.fit"
+
     batch_size: int = 256          # samples per SMPLify batch inside an actor
     num_actors: int = 0            # 0: one per core (or per GPU)
     cpus_per_actor: float = 0.0    # 0: the machine's cores split over the actors
@@ -24,16 +33,24 @@ class FitStageConfig:
     solver: str = ""               # "" keeps the SMPLify default; "adam" is SPIN's own solver
     smplify: dict[str, Any] = field(default_factory=dict)  # SmplifyConfig overrides
 
+    def __post_init__(self) -> None:
+        if self.solver and self.solver not in SOLVERS:
+            raise BadInput(f"unknown solver '{self.solver}' (known: {', '.join(sorted(SOLVERS))})")
+
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Settings):
+    SECTION = "config.tracking"
+
     experiment: str = "spin-pipeline"
     tracking_uri: str = ""         # "" : $MLFLOW_TRACKING_URI, else sqlite under the run directory
     overlay_samples: int = 6       # fixed samples whose fits are drawn round over round
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Settings):
+    SECTION = "config"
+
     data: str = ""                 # samples directory (with train/ and test/ splits)
     body_model: str = ""           # SMPL-layout .npz; "" is the built-in model
     prior: str = ""                # GMM pose prior .npz (gmm_08 layout); "" is the built-in prior
@@ -45,58 +62,29 @@ class RunConfig:
     fit: FitStageConfig = field(default_factory=FitStageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def __post_init__(self) -> None:
+        # read the sections that other rooms own now: a bad setting fails before any work
+        _ = self.smplify, self.training
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        return _build(cls, data, "config")
+    @property
+    def smplify(self) -> SmplifyConfig:
+        """SMPLify's settings: the defaults, `fit.smplify` over them, every stage on `fit.solver`."""
+        return SmplifyConfig.from_dict(self.fit.smplify, "config.fit.smplify").with_solver(self.fit.solver)
 
-
-def _build(kind: type, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise BadInput(f"{where}: expected a mapping, found {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise BadInput(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    values = {}
-    for name, value in data.items():
-        f = fields[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value or {}, f"{where}.{name}")
-        elif isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise BadInput(f"{where}.{name}: expected a mapping")
-            values[name] = dict(value)
-        else:
-            values[name] = _coerce(value, default, f"{where}.{name}")
-    return kind(**values)
+    @property
+    def training(self) -> TrainConfig:
+        """The trainer's settings: `train` over the preset's, seeded by the run unless it sets a seed."""
+        return train_config(self.train_preset, self.train, seed=self.seed, where="config.train")
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        return type(default)(value)
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"{where}: cannot read {value!r} as {type(default).__name__}") from exc
-
-
-def load_config(path: str | Path | None) -> RunConfig:
+def load_config(path: str | Location | None) -> RunConfig:
+    """A run YAML from a local path or a URI; None gives the defaults."""
     if path is None:
         return RunConfig()
-    path = Path(path)
-    if not path.exists():
+    path = storage.location(path)
+    if not storage.is_file(path):
         raise BadInput(f"config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
-    return RunConfig.from_dict(data)
+    return RunConfig.from_dict(read_yaml(storage.read_text(path), str(path)) or {})
 
 
 def key_value_pairs(texts: tuple[str, ...], option: str, key_name: str = "KEY") -> dict[str, str]:
@@ -114,10 +102,7 @@ def yaml_settings(texts: tuple[str, ...], option: str) -> dict[str, Any]:
     """Repeatable `OPTION KEY=VALUE` flags with YAML values: '64' -> 64, '{keypoints: 5}' -> a dict."""
     out: dict[str, Any] = {}
     for key, value in key_value_pairs(texts, option).items():
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise BadInput(f"{option} {key}={value!r}: not a YAML value ({' '.join(str(exc).split())[:120]})") from exc
+        out[key] = read_yaml(value, f"{option} {key}={value!r}")
     return out
 
 
@@ -135,8 +120,30 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
-def save_config(config: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+def save_config(config: RunConfig, path: str | Location) -> None:
+    """Write the config as YAML, atomically, to a local path or a URI."""
+    storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml.
+    RUN, the data directory and FILE may be URIs."""
+    saved = storage.join(run, "config.yaml")
+    if config_path:
+        base = load_config(config_path)
+    elif storage.exists(saved):
+        base = load_config(saved)
+    else:
+        base = RunConfig()
+    config = apply_overrides(base, overrides)
+    if config.data and not storage.is_dir(config.data):
+        raise BadInput(f"data directory not found: {config.data}")
+    save_config(config, saved)
+    return config
+
+
+def data_dir(config: RunConfig, split: str) -> Location:
+    if not config.data:
+        raise BadInput("no data directory: pass --data DIR or set `data` in the config")
+    path = storage.join(config.data, split)
+    return path if storage.is_dir(path) else storage.location(config.data)

@@ -8,14 +8,15 @@ from typing import Any
 
 import click
 
-from pipeline.rounds import headline, resolve_config, run_pipeline
+from pipeline.config import resolve_config
+from pipeline.report import headline, round_table
+from pipeline.rounds import run_pipeline
+from trainer.data.synth import SynthConfig
+from trainer.data.synth_run import generate
 
 
 def ensure_benchmark(data: Path, preset: str, seed: int, workers: int | None = None) -> dict[str, Any]:
     """Synthesize the benchmark once; a finished one (dataset.json present) is reused."""
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
-
     marker = data / "dataset.json"
     if marker.exists():
         return json.loads(marker.read_text())
@@ -67,6 +68,5 @@ def demo(out_dir, rounds, preset, seed, ray_address, solver):
                "pictures": sorted(str(p) for p in run.glob("round=*/eval/*.png")),
                "mlflow": f"mlflow ui --backend-store-uri sqlite:///{(run / 'mlflow.db').resolve()}"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from pipeline.report import round_table
     click.echo(round_table(results))
     click.echo(f"summary: {out / 'summary.json'} ({summary['seconds']:.0f} s); MLflow: {summary['mlflow']}")

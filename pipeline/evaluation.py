@@ -5,18 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from fitting.body_model import load_body_model
 from fitting.camera import FOCAL_LENGTH, IMG_RES
+from fitting.render import draw_keypoints, overlay_mesh
 from pipeline import rundir
 from pipeline.config import RunConfig
 from pipeline.report import metrics_by_round, plot_metrics_by_round
-from trainer import storage
-from trainer.storage import Location
-from trainer.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+from trainer.data import storage
+from trainer.data.samples import decode_image
+from trainer.data.storage import Location
+from trainer.data.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+from trainer.evaluate import evaluate_fits, evaluate_regressor, write_overlays
+from trainer.train import load_regressor
 
 
 def read_split(data: str | Location, split: str, columns: list[str] | None = None) -> pa.Table:
@@ -29,10 +35,6 @@ def read_split(data: str | Location, split: str, columns: list[str] | None = Non
 def evaluate_round(run: Location, round_index: int, config: RunConfig, out_dir: Path) -> dict[str, Any]:
     """Metrics of round N; the pictures go to the local folder `out_dir`. The run and the data
     may be URIs."""
-    from pipeline.fit_stage import read_fits
-    from trainer.evaluate import evaluate_fits, evaluate_regressor, write_overlays
-    from trainer.train import load_regressor
-
     out_dir.mkdir(parents=True, exist_ok=True)
     body = load_body_model(config.body_model or None)
     checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
@@ -43,7 +45,7 @@ def evaluate_round(run: Location, round_index: int, config: RunConfig, out_dir: 
         metrics["regressor"] = evaluate_regressor(regressor, [test_dir], body)
         write_overlays(regressor, [test_dir], body, out_dir / "regressor_overlays.png")
     if rundir.is_done(run, round_index, "fits"):  # a 2D-only regressor has no fits
-        fits = read_fits(run, round_index)
+        fits = rundir.read_fits(run, round_index)
         if storage.is_dir(storage.join(config.data, "truth")):
             metrics["fits"] = evaluate_fits(fits, read_split(config.data, "truth"), body)
         else:
@@ -65,13 +67,6 @@ def overlay_ids(config: RunConfig) -> list[str]:
 
 def fit_overlay_grid(run: Location, round_index: int, config: RunConfig, body, out_png: Path) -> Path | None:
     """Rows: the fixed samples; columns: the image, then their best fit after each round 0..N."""
-    import cv2
-    import torch
-
-    from fitting.render import draw_keypoints, overlay_mesh
-    from pipeline.fit_stage import read_fits
-    from trainer.samples import decode_image
-
     ids = overlay_ids(config)
     if not ids:
         return None
@@ -87,7 +82,7 @@ def fit_overlay_grid(run: Location, round_index: int, config: RunConfig, body, o
     for r in range(round_index + 1):
         if not rundir.is_done(run, r, "fits") and r != round_index:
             continue
-        fits = read_fits(run, r)
+        fits = rundir.read_fits(run, r)
         index = {sid: i for i, sid in enumerate(fits.column("sample_id").to_pylist())}
         pose, betas, cam_t = (to_numpy(fits, k) for k in ("pose", "betas", "cam_t"))
         for row, (sid, image) in enumerate(zip(rows.column("sample_id").to_pylist(), images)):

@@ -22,13 +22,17 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
+import torch
 
 from fitting.errors import BadInput
 from pipeline import rundir
-from pipeline.config import RunConfig
-from trainer import storage
-from trainer.storage import Location
-from trainer.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table, shard_paths, write_table
+from pipeline.best_fit import BatchFitter
+from pipeline.config import RunConfig, resolve_config
+from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
+from pipeline.rundir import committed_shards
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, shard_paths, write_table
 
 FIT_COLUMNS = ["sample_id", "keypoints", "has_smpl", "pose", "betas"]
 
@@ -53,10 +57,6 @@ class ShardFitter:
     rows of shard paths, it returns the fitted rows of those shards."""
 
     def __init__(self, spec: FitterSpec):
-        import torch
-
-        from pipeline.best_fit import BatchFitter
-
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.fitter = BatchFitter(spec)
@@ -73,8 +73,6 @@ class ShardFitter:
 
 def plan_resources(config: RunConfig) -> dict[str, float]:
     """Actor count, CPUs and GPUs per actor for this cluster (fractions on small machines)."""
-    from pipeline.ray_session import available_cpus, available_gpus
-
     cpus, gpus = available_cpus(), available_gpus()
     fit = config.fit
     gpus_per_actor = fit.gpus_per_actor if fit.gpus_per_actor >= 0 else (1.0 if gpus >= 1 else 0.0)
@@ -92,16 +90,10 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
 
 def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int,
               columns: list[str] | None = None) -> FitterSpec:
-    from fitting.smplify import SmplifyConfig
-
-    smplify = SmplifyConfig.from_dict(dict(config.fit.smplify)).to_dict()  # a bad config fails here, not in an actor
-    if config.fit.solver:
-        smplify["stages"] = [{**stage, "solver": config.fit.solver} for stage in smplify["stages"]]
-        SmplifyConfig.from_dict(smplify)
     checkpoint = ""
     if round_index > 0:
         checkpoint = str(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
-    return FitterSpec(round_index=round_index, run=str(run), smplify=smplify, checkpoint=checkpoint,
+    return FitterSpec(round_index=round_index, run=str(run), smplify=config.smplify.to_dict(), checkpoint=checkpoint,
                       body_model=config.body_model, prior=config.prior, device=device, threads=threads,
                       columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 
@@ -152,10 +144,6 @@ def fit_round(
 
 
 def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_address, progress) -> None:
-    import ray
-
-    from pipeline.ray_session import ensure_ray
-
     expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
     for name in [n for n, rows in expected.items() if rows == 0]:  # nothing to fit, and no row would commit it
         write_table(FITS_SCHEMA.empty_table(), storage.join(out_dir, name))
@@ -163,6 +151,8 @@ def _fit_shards(run, round_index, config, pending, metadata, out_dir, ray_addres
     if not pending:
         return
     ensure_ray(ray_address, progress)
+    import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
+
     plan = plan_resources(config)
     device = "cuda" if plan["gpus_per_actor"] > 0 else "cpu"
     # Whole CPUs only: an actor running more torch threads than the CPUs it holds competes with
@@ -196,11 +186,6 @@ def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
     return [(name, block.filter(pa.array(names == name))) for name in dict.fromkeys(names.tolist())]
 
 
-def committed_shards(out_dir: Location) -> list[str]:
-    """Names of the shards whose fits file exists (a finished shard)."""
-    return [storage.basename(p) for p in storage.list_dir(out_dir) if storage.basename(p).endswith(".parquet")]
-
-
 def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
     """Quarantine first, then the fits file: its existence is what marks the shard done. Both are
     atomic (a rename locally, one PUT on an object store)."""
@@ -218,30 +203,12 @@ def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
     write_table(fits, storage.join(out_dir, name))
 
 
-def read_fits(run: Location, round_index: int) -> pa.Table:
-    """The best-fit table of a finished round (all shards)."""
-    if not rundir.is_done(run, round_index, "fits"):
-        raise BadInput(f"round {round_index} has no finished fits in {run}")
-    out_dir = rundir.step_dir(run, round_index, "fits")
-    paths = [p for p in storage.list_dir(out_dir) if _is_part(storage.basename(p))]
-    return concat([read_table(p, FITS_SCHEMA) for p in paths], FITS_SCHEMA)
-
-
-def _is_part(name: str) -> bool:
-    return name.startswith("part-") and name.endswith(".parquet")
-
-
-def read_quarantine(out_dir: Location) -> pa.Table:
-    paths = [p for p in storage.list_dir(storage.join(out_dir, "quarantine")) if str(p).endswith(".parquet")]
-    return concat([read_table(p, QUARANTINE_SCHEMA) for p in paths], QUARANTINE_SCHEMA)
-
-
 def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
     done = set(committed_shards(out_dir))
     columns = ["loss", "valid", "betas_ok", "found_in_round", "init"]
     tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in shard_names if n in done]
     table = pa.concat_tables(tables) if tables else None
-    quarantine = read_quarantine(out_dir)
+    quarantine = rundir.read_quarantine(out_dir)
     summary: dict[str, Any] = {"rows": 0, "quarantined": len(quarantine)}
     if table is None or len(table) == 0:
         return summary
@@ -281,8 +248,6 @@ def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_ac
     quarantines samples that cannot be fitted with a reason, then RUN/round=N/fits/_SUCCESS.json.
     A killed round resumes where it stopped; a finished one is a no-op without --force.
     """
-    from pipeline.rounds import resolve_config
-
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
                                                "fit.num_actors": num_actors, "fit.solver": solver})

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from fitting.errors import BadInput
+from fitting.settings import Settings, from_mapping, to_mapping
+from pipeline.cli import cli
 from pipeline.config import key_value_pairs
 
 RAY_VERSION = "2.60.0"  # the Ray of docker/Dockerfile's base image; a test keeps the two equal
@@ -59,8 +62,9 @@ class Volume:
 
 
 @dataclass
-class JobSpec:
+class JobSpec(Settings):
     """Everything one RayJob manifest depends on. Quantities are Kubernetes quantities."""
+    SECTION = "job spec"
 
     kind: str
     image: str
@@ -88,22 +92,13 @@ class JobSpec:
     extra_args: list[str] = field(default_factory=list)  # appended to the entrypoint as given
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["volumes"] = [str(v) for v in self.volumes]
-        return out
+        return {**to_mapping(self), "volumes": [str(v) for v in self.volumes]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise BadInput(f"job spec: unknown key(s) {', '.join(unknown)}")
-        data = dict(data)
-        data["volumes"] = [v if isinstance(v, Volume) else Volume.parse(v) for v in data.get("volumes", [])]
-        try:
-            spec = cls(**data)
-        except TypeError as exc:
-            raise BadInput(f"job spec: {exc}") from None
+    def from_dict(cls, data: dict[str, Any], where: str | None = None) -> "JobSpec":
+        """Volumes may be given as 'CLAIM:/mount[:ro]' text; the spec is validated."""
+        volumes = [v if isinstance(v, Volume) else Volume.parse(v) for v in dict(data).get("volumes", [])]
+        spec = from_mapping(cls, {**data, "volumes": volumes}, where or cls.SECTION)
         spec.validate()
         return spec
 
@@ -326,8 +321,6 @@ def render_args(spec: JobSpec) -> list[str]:
 
 def render_yaml(spec: JobSpec) -> str:
     """The manifest as YAML, headed by the command that renders it."""
-    import yaml
-
     command = shlex.join(["spin-pipeline", "manifests", "render", *render_args(spec)])
     body = yaml.safe_dump(rayjob_manifest(spec), sort_keys=False, width=4096)
     return (f"# {command}\n"
@@ -337,8 +330,6 @@ def render_yaml(spec: JobSpec) -> str:
 
 def check_entrypoint(argv: list[str]) -> None:
     """Parse the entrypoint with the real `spin-pipeline` CLI, without running it."""
-    from pipeline.cli import cli
-
     if len(argv) < 2 or argv[0] != "spin-pipeline":
         raise BadInput(f"entrypoint {shlex.join(argv)!r}: not a spin-pipeline command")
     with click.Context(cli, info_name="spin-pipeline") as root:

@@ -1,4 +1,8 @@
-"""One Ray session per process: local by default, sized to the machine, quiet; or a cluster."""
+"""One Ray session per process: local by default, sized to the machine, quiet; or a cluster.
+
+Ray is imported inside the functions: it reads part of its environment (RAY_DEDUP_LOGS) at
+import, which `ensure_ray` sets first, and commands that never fit need not load it.
+"""
 from __future__ import annotations
 
 import logging

@@ -42,6 +42,17 @@ def round_table(results: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The per-round numbers that `compare` and the demo table show."""
+    reg, fits = metrics.get("regressor", {}), metrics.get("fits", {})
+    out = {
+        "fit_acceptance": fits.get("acceptance_rate"), "fit_pa_mpjpe": fits.get("pa_mpjpe"),
+        "fit_mpjpe": fits.get("mpjpe"), "reg_mpjpe": reg.get("mpjpe"), "reg_pa_mpjpe": reg.get("pa_mpjpe"),
+        "rounds_done": metrics.get("round", 0) + 1,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     return json.dumps(metrics, indent=2, sort_keys=True, default=float)
 
@@ -52,7 +63,7 @@ def metrics_by_round(run: Path) -> list[dict[str, Any]]:
 
 def plot_metrics_by_round(rows: list[dict[str, Any]], out_png: Path) -> Path:
     """PA-MPJPE of fits and regressor, and fit acceptance, by round."""
-    import matplotlib
+    import matplotlib  # here: seconds to import, and the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,86 +8,27 @@ import time
 from typing import Any
 
 import click
-import yaml
 
 from fitting.errors import BadInput
 from pipeline import rundir
-from pipeline.config import RunConfig, apply_overrides, load_config, save_config
+from pipeline.config import RunConfig, data_dir, resolve_config
+from pipeline.evaluation import evaluate_round
+from pipeline.fit_stage import fit_round
+from pipeline.report import format_metrics, headline, round_table
 from pipeline.tracking import Tracker
-from trainer import storage
-from trainer.storage import Location
-
-
-def read_config(path: str | Location) -> RunConfig:
-    """A run YAML from a local path or a URI."""
-    path = storage.location(path)
-    if not storage.is_uri(path):
-        return load_config(path)
-    if not storage.is_file(path):
-        raise BadInput(f"config not found: {path}")
-    try:
-        data = yaml.safe_load(storage.read_text(path)) or {}
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
-    return RunConfig.from_dict(data)
-
-
-def write_config(config: RunConfig, path: Location) -> None:
-    if storage.is_uri(path):
-        storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    else:
-        save_config(config, path)
-
-
-def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml.
-    RUN, the data directory and FILE may be URIs."""
-    saved = storage.join(run, "config.yaml")
-    if config_path:
-        base = read_config(config_path)
-    elif storage.exists(saved):
-        base = read_config(saved)
-    else:
-        base = RunConfig()
-    config = apply_overrides(base, overrides)
-    if config.data and not storage.is_dir(config.data):
-        raise BadInput(f"data directory not found: {config.data}")
-    write_config(config, saved)
-    return config
-
-
-def train_config_for(config: RunConfig):
-    from trainer.train import TRAIN_PRESETS, TrainConfig
-
-    if config.train_preset not in TRAIN_PRESETS:
-        raise BadInput(f"unknown train preset '{config.train_preset}'; choose from {sorted(TRAIN_PRESETS)}")
-    preset = TRAIN_PRESETS[config.train_preset]
-    merged = {**preset, **config.train}
-    for group in ("weights", "augment"):  # a run's own loss weight keeps the preset's others
-        if isinstance(preset.get(group), dict) and isinstance(config.train.get(group), dict):
-            merged[group] = {**preset[group], **config.train[group]}
-    merged.setdefault("seed", config.seed)
-    return TrainConfig.from_dict(merged)
-
-
-def data_dir(config: RunConfig, split: str) -> Location:
-    if not config.data:
-        raise BadInput("no data directory: pass --data DIR or set `data` in the config")
-    path = storage.join(config.data, split)
-    return path if storage.is_dir(path) else storage.location(config.data)
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.train import train_regressor
 
 
 def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                 force: bool = False) -> dict[str, Any]:
-    from pipeline.fit_stage import read_fits
-    from trainer.train import train_regressor
-
     out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
     if rundir.is_done(run, round_index, "model") and not force:
         return {**rundir.read_success(run, round_index, "model"), "skipped": True}
     rundir.clear_success(run, round_index, "model")
-    fits = read_fits(run, round_index)
-    train_config = train_config_for(config)
+    fits = rundir.read_fits(run, round_index)
+    train_config = config.training
     init = None
     if round_index > 0:
         if not rundir.is_done(run, round_index - 1, "model"):
@@ -109,8 +50,6 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
 def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                force: bool = False) -> dict[str, Any]:
     """Regressor N and fits N against ground truth; writes metrics and overlay pictures."""
-    from pipeline.evaluation import evaluate_round
-
     if rundir.is_done(run, round_index, "eval") and not force:
         return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
     out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
@@ -127,22 +66,9 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
     return metrics
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """The per-round numbers that `compare` and the demo table show."""
-    reg, fits = metrics.get("regressor", {}), metrics.get("fits", {})
-    out = {
-        "fit_acceptance": fits.get("acceptance_rate"), "fit_pa_mpjpe": fits.get("pa_mpjpe"),
-        "fit_mpjpe": fits.get("mpjpe"), "reg_mpjpe": reg.get("mpjpe"), "reg_pa_mpjpe": reg.get("pa_mpjpe"),
-        "rounds_done": metrics.get("round", 0) + 1,
-    }
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
     """Fit and train (and evaluate) round after round, skipping finished steps."""
-    from pipeline.fit_stage import fit_round
-
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
                                  params=config.to_dict())
     results = []
@@ -215,7 +141,6 @@ def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
     config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
                                                 "fit.solver": solver})
     results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
-    from pipeline.report import round_table
     click.echo(round_table(results))
 
 
@@ -230,5 +155,4 @@ def evaluate(round_index, data, run_dir, config_path, force):
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data})
     metrics = eval_round(run, round_index, config, None, force=force)
-    from pipeline.report import format_metrics
     click.echo(format_metrics(metrics))

@@ -9,7 +9,7 @@
     RUN/round=N/eval/_SUCCESS.json       metrics of regressor N and fits N on the test split
 
 A step is done when its _SUCCESS.json exists; readers ignore a round without one.
-RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.storage.
+RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.data.storage.
 """
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from fitting.errors import BadInput
-from trainer import storage
-from trainer.storage import Location
+from trainer.data import storage
+from trainer.data.storage import Location
+from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table
 
 STEPS = ("fits", "model", "eval")
 SUCCESS = "_SUCCESS.json"
@@ -101,3 +104,26 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{version}+{sha}" if sha else version
+
+
+def committed_shards(out_dir: Location) -> list[str]:
+    """Names of the shards whose fits file exists (a finished shard)."""
+    return [storage.basename(p) for p in storage.list_dir(out_dir) if storage.basename(p).endswith(".parquet")]
+
+
+def read_fits(run: Location, round_index: int) -> pa.Table:
+    """The best-fit table of a finished round (all shards)."""
+    if not is_done(run, round_index, "fits"):
+        raise BadInput(f"round {round_index} has no finished fits in {run}")
+    out_dir = step_dir(run, round_index, "fits")
+    paths = [p for p in storage.list_dir(out_dir) if _is_part(storage.basename(p))]
+    return concat([read_table(p, FITS_SCHEMA) for p in paths], FITS_SCHEMA)
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def read_quarantine(out_dir: Location) -> pa.Table:
+    paths = [p for p in storage.list_dir(storage.join(out_dir, "quarantine")) if str(p).endswith(".parquet")]
+    return concat([read_table(p, QUARANTINE_SCHEMA) for p in paths], QUARANTINE_SCHEMA)

@@ -3,6 +3,7 @@
 Uses MlflowClient with explicit run ids (no global active-run stack), so a resumed pipeline
 appends to the same parent run. SQLite under the run directory by default; MLFLOW_TRACKING_URI
 (or the config) points at a team server, which a run on an object store needs: SQLite cannot live there.
+mlflow is imported where it is used: it takes seconds, and commands that do not track skip it.
 """
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import click
 
 from fitting.errors import BadInput
-from trainer import storage
-from trainer.storage import Location
+from trainer.data import storage
+from trainer.data.storage import Location
 
 PARENT_ID_FILE = "mlflow_run_id.txt"
 
@@ -105,7 +107,6 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(metric_name(k), v, now, step) for k, v in _numeric(metrics).items()]

@@ -12,8 +12,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory):
     """The `tiny` preset of the synthetic benchmark (train/, test/, truth/), made once."""
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_run import generate
 
     out = tmp_path_factory.mktemp("tiny-benchmark")
     generate(SynthConfig.from_preset("tiny", seed=0), out, workers=2, progress=False, overwrite=True)

@@ -53,8 +53,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["body-model", "info", "{tmp}/missing.npz"], "not found"),
     (["compare", "--run", "{tmp}/nothing"], "run directory not found"),
     (["ablation", "--out", "{tmp}/abl", "--train", "batch_size"], "expected KEY=VALUE"),
-    (["ablation", "--out", "{tmp}/abl", "--train", "bach_size=64"], "unknown training settings"),
-    (["ablation", "--out", "{tmp}/abl", "--train", "augment=[0.5"], "not a YAML value"),
+    (["ablation", "--out", "{tmp}/abl", "--train", "bach_size=64"], "config.train: unknown key 'bach_size'"),
+    (["ablation", "--out", "{tmp}/abl", "--train", "augment=[0.5"], "not valid YAML"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli(*[a.format(tmp=tmp_path) for a in args])
@@ -62,3 +62,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert not (tmp_path / "abl" / "data").exists()  # nothing rendered before the settings were checked
+
+
+def test_run_reads_the_whole_config_before_any_work(tmp_path, tiny_benchmark):
+    """A bad `train:` key stops `run` at once, not after fit round 0 (hours on a cluster)."""
+    config = tmp_path / "config.yaml"
+    config.write_text("rounds: 1\ntrain:\n  steps: 4\n  bakbone: small\n")
+    run = tmp_path / "run"
+    result = run_cli("run", "--run", str(run), "--data", str(tiny_benchmark), "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: config.train: unknown key 'bakbone' (known: "), result.stderr
+    assert not (run / "round=0").exists() and not (run / "config.yaml").exists()

@@ -13,7 +13,7 @@ import torch
 
 from fitting.keypoints import GT24, KEYPOINT_NAMES, NUM_KEYPOINTS
 from pipeline.cli import main
-from trainer.samples import (
+from trainer.data.samples import (
     crop_square,
     decode_image,
     encode_image,
@@ -22,7 +22,7 @@ from trainer.samples import (
     transform_points,
     validate_samples,
 )
-from trainer.tables import (
+from trainer.data.tables import (
     QUARANTINE_SCHEMA,
     SAMPLES_SCHEMA,
     make_table,
@@ -233,8 +233,8 @@ SMALL = {"num_train": 12, "num_test": 6, "img_size": 64, "shard_size": 5}
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_run import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(SynthConfig.from_preset("tiny", **SMALL), out, workers=1, progress=False)
@@ -242,7 +242,7 @@ def synth_dir(tmp_path_factory):
 
 
 def _posed(scene):
-    from trainer.synth import scene_pose, synth_context
+    from trainer.data.synth import scene_pose, synth_context
 
     ctx = synth_context(None)
     with torch.no_grad():
@@ -253,7 +253,7 @@ def _posed(scene):
 
 def test_upright_person_facing_the_camera_is_pi_about_x():
     from fitting.pose_sampler import archetype_pose
-    from trainer.synth import Scene, scene_pose
+    from trainer.data.synth import Scene, scene_pose
 
     scene = Scene(body_pose=archetype_pose("stand").astype(np.float64), betas=np.zeros(10))
     np.testing.assert_allclose(np.abs(scene_pose(scene)[:3]), [np.pi, 0, 0], atol=1e-6)
@@ -266,8 +266,8 @@ def test_upright_person_facing_the_camera_is_pi_about_x():
 
 def test_wrist_behind_torso_or_occluder_gets_confidence_zero():
     from fitting.pose_sampler import archetype_pose
-    from trainer.synth import Scene, keypoint_visibility, place_and_crop, project, render_body
-    from trainer.synth_scene import annotate_keypoints
+    from trainer.data.synth import Scene, keypoint_visibility, place_and_crop, project, render_body
+    from trainer.data.synth_scene import annotate_keypoints
 
     size = 128
     wrists = [KEYPOINT_NAMES.index("Right Wrist"), KEYPOINT_NAMES.index("Left Wrist")]
@@ -292,7 +292,7 @@ def test_wrist_behind_torso_or_occluder_gets_confidence_zero():
 
 
 def test_synth_truth_reproduces_joints3d_and_labels():
-    from trainer.synth import SynthConfig, render_chunk, synth_context
+    from trainer.data.synth import SynthConfig, render_chunk, synth_context
 
     cfg = SynthConfig.from_preset("tiny", seed=3, img_size=64)
     records = render_chunk(cfg, "test", 0, 4)
@@ -341,8 +341,8 @@ def test_synth_refuses_to_overwrite(synth_dir, capsys):
 
 @pytest.mark.slow
 def test_synth_is_deterministic_across_worker_counts(synth_dir, tmp_path):
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_run import generate
 
     generate(SynthConfig.from_preset("tiny", **SMALL), tmp_path, workers=2, progress=False)
     for split in ("train", "test", "truth"):

@@ -15,7 +15,7 @@ from trainer.losses import (
     LossWeights, camera_loss, compute_losses, keypoint_3d_loss, keypoint_loss, masked_mean, project_keypoints,
 )
 from trainer.model import RegressorOutput
-from trainer.tables import FITS_SCHEMA, make_table, to_numpy
+from trainer.data.tables import FITS_SCHEMA, make_table, to_numpy
 
 torch.set_num_threads(1)
 

@@ -16,8 +16,9 @@ import yaml
 
 from pipeline import rundir
 from pipeline.config import RunConfig, save_config
-from pipeline.fit_stage import fit_round, read_fits, read_quarantine
-from trainer.tables import SAMPLES_SCHEMA, make_table, read_table, to_numpy, write_table
+from pipeline.fit_stage import fit_round
+from pipeline.rundir import read_fits, read_quarantine
+from trainer.data.tables import SAMPLES_SCHEMA, make_table, read_table, to_numpy, write_table
 
 FAST_SMPLIFY = {"stages": [{"name": "camera", "iterations": 10}, {"name": "body", "iterations": 25}]}
 

@@ -14,8 +14,8 @@ import pytest
 
 from fitting.errors import BadInput
 from pipeline import rundir
-from trainer import storage
-from trainer.tables import FITS_SCHEMA, read_table, shard_paths, to_numpy, write_table
+from trainer.data import storage
+from trainer.data.tables import FITS_SCHEMA, read_table, shard_paths, to_numpy, write_table
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -112,7 +112,7 @@ def test_storage_round_trips_on_s3(s3, tmp_path):
 
 
 def fits_rows(n: int, start: int = 0) -> pa.Table:
-    from trainer.tables import make_table
+    from trainer.data.tables import make_table
     return make_table({
         "sample_id": [f"s{start + i}" for i in range(n)], "pose": np.zeros((n, 72)), "betas": np.zeros((n, 10)),
         "cam_t": np.ones((n, 3)), "loss": np.arange(n, dtype=np.float32), "joint_loss": np.zeros((n, 49)),
@@ -162,7 +162,7 @@ def test_failed_writes_leave_nothing(s3, tmp_path, remote):
 
 
 def test_success_markers_and_config_on_s3(s3, tmp_path):
-    from pipeline.rounds import resolve_config
+    from pipeline.config import resolve_config
 
     assert not rundir.is_done(s3, 0, "fits")
     rundir.mark_done(s3, 0, "fits", {"rows": 3})
@@ -212,8 +212,9 @@ def test_fit_and_train_with_the_run_on_s3(s3, tiny_benchmark):
     """Fit round 0 and train regressor 0 into s3://; then a round that lost one shard's fits object
     redoes only that shard, reading the samples from s3:// as well."""
     from pipeline.config import RunConfig
-    from pipeline.fit_stage import fit_round, read_fits, read_quarantine
+    from pipeline.fit_stage import fit_round
     from pipeline.rounds import eval_round, train_round
+    from pipeline.rundir import read_fits, read_quarantine
 
     config = RunConfig.from_dict({"data": str(tiny_benchmark), "train_preset": "tiny", "train": {"steps": 4},
                                   "fit": {"batch_size": 64, "num_actors": 1, "smplify": FAST_SMPLIFY}})

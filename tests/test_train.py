@@ -16,9 +16,10 @@ from fitting.errors import BadInput
 from fitting.keypoints import VERTEX_JOINT_NAMES
 from fitting.priors import GMMPrior
 from tests.toy_body import make_toy_smpl
-from trainer.samples import encode_image
-from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards
-from trainer.train import TRAIN_PRESETS, TrainConfig, load_regressor, predict, train_regressor
+from trainer.data.samples import encode_image
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards
+from trainer.train import load_regressor, predict, train_regressor
+from trainer.train_config import TRAIN_PRESETS, TrainConfig
 
 torch.set_num_threads(1)
 
@@ -77,9 +78,9 @@ def _config(**overrides) -> TrainConfig:
 
 
 def test_config_rejects_unknown_keys_and_round_trips():
-    with pytest.raises(BadInput, match="unknown training settings"):
+    with pytest.raises(BadInput, match=r"^train: unknown key 'bakbone' \(known: backbone, "):
         TrainConfig.from_dict({"bakbone": "small"})
-    with pytest.raises(BadInput, match="unknown loss weights"):
+    with pytest.raises(BadInput, match=r"^train\.weights: unknown key 'keypoint' \(known: keypoints, "):
         TrainConfig.from_dict({"weights": {"keypoint": 5}})
     with pytest.raises(BadInput, match="backbone"):
         TrainConfig.from_dict({"backbone": "vgg"})

@@ -1,2 +1,2 @@
-"""The learning side of SPIN: tables, datasets and augmentation, the HMR regressor, losses,
-training and evaluation. Imports from `fitting`, never from `pipeline`."""
+"""The learning side of SPIN: datasets and augmentation, the HMR regressor, losses, training and
+evaluation. Imports from `trainer.data` and `fitting`, never from `pipeline`."""

@@ -13,41 +13,30 @@ Scale changes only the image (the regressor's camera absorbs it).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from fitting.errors import BadInput
 from fitting.keypoints import FLIP_PERM, GT24, SMPL_FLIP_PERM
+from fitting.settings import Settings
 
 # flip permutation of the 24 ground-truth joints (joints3d rows), from the 49-keypoint one
 GT24_FLIP_PERM: tuple[int, ...] = tuple(FLIP_PERM[k] - GT24[0] for k in GT24)
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Settings):
     """SPIN's defaults: flip with p 0.5; rotation N(0, 30 deg) clipped at 2 sigma, applied with
     p 0.4; scale N(1, 0.25) clipped to [0.75, 1.25]; colour scale U(0.6, 1.4) per channel."""
+    SECTION = "augment"
+
     flip_prob: float = 0.5
     rot_factor: float = 30.0
     rot_prob: float = 0.4
     scale_factor: float = 0.25
     noise_factor: float = 0.4
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "AugmentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BadInput(f"unknown augmentation settings {sorted(unknown)} (known: {sorted(known)})")
-        try:
-            return cls(**{k: float(v) for k, v in values.items()})
-        except (TypeError, ValueError) as exc:
-            raise BadInput(f"augmentation settings: {exc}") from exc
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

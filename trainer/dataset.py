@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fitting.errors import BadInput
 from trainer.augment import AugmentConfig, AugParams, augment_image, augment_joints3d, augment_keypoints, augment_pose, sample_params
-from trainer.samples import decode_image, read_image_file, validate_samples
-from trainer.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+from trainer.data.samples import decode_image, read_image_file, validate_samples
+from trainer.data.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
 
 
 def read_samples(samples_dirs: Sequence[str | Path], split: str | None = "train") -> pa.Table:
@@ -195,7 +196,6 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 def _worker_init(_: int) -> None:
-    import cv2
     # workers are the parallelism: OpenCV runs sequentially in each. 0, not 1: setting 1 in a
     # forked child of a process whose OpenCV pool has run blocks forever on the copied pool
     cv2.setNumThreads(0)

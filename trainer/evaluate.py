@@ -19,11 +19,12 @@ import torch
 from fitting.camera import FOCAL_LENGTH, IMG_RES
 from fitting.errors import BadInput
 from fitting.keypoints import LSP14
+from fitting.render import overlay_mesh, part_labels, render
 from trainer.dataset import SamplesDataset, load_image, make_loader, read_samples
 from trainer.metrics import confusion_matrix, pose_metrics, segmentation_scores, summarize
 from trainer.model import Regressor, cam_translation, normalize_images
-from trainer.samples import decode_mask
-from trainer.tables import FITS_SCHEMA, SAMPLES_SCHEMA, conform, to_numpy
+from trainer.data.samples import decode_mask
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, conform, to_numpy
 
 LSP_IN_GT24 = [k - LSP14[0] for k in LSP14]   # rows of joints3d that hold the 14 LSP joints
 NUM_PARTS = 7                                  # background + six parts
@@ -87,8 +88,6 @@ def evaluate_regressor(
     segmentation: bool = True,
 ) -> dict[str, float]:
     """3D metrics (mm, %) and segmentation scores of the regressor on the test split."""
-    from fitting.render import part_labels, render
-
     samples = read_samples(test_dirs, split="test")
     if max_samples is not None:
         samples = samples.slice(0, max_samples)
@@ -183,8 +182,6 @@ def evaluate_fits(fits_table: pa.Table, truth_table: pa.Table, body_model: torch
 def write_overlays(regressor: Regressor, test_dirs: Sequence[str | Path], body_model: torch.nn.Module,
                    path: str | Path, num: int = 8, columns: int = 4, device: str | torch.device = "cpu") -> Path:
     """A PNG grid: each of the first `num` test crops beside the predicted mesh over it."""
-    from fitting.render import overlay_mesh, part_labels
-
     samples = read_samples(test_dirs, split="test").slice(0, num)
     if len(samples) == 0:
         raise BadInput("no samples to draw")

@@ -17,7 +17,7 @@ weight, that weight only sets the balance between the 2D term and the fits' pose
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -26,6 +26,7 @@ from fitting.errors import BadInput
 from fitting.geometry import pose_to_rotmat, rotmat_to_pose
 from fitting.keypoints import GT24, OP25
 from fitting.priors import angle_prior, shape_prior
+from fitting.settings import Settings
 from trainer.model import RegressorOutput, cam_translation
 
 MODES = ("fits", "2d")
@@ -33,37 +34,26 @@ _SMPLIFY_TO_NORMALIZED = 1.0 / (98 * 112.0 ** 2)
 
 
 @dataclass
-class LossWeights:
-    keypoints: float = 5.0
-    keypoints_3d: float = 5.0
-    pose: float = 1.0
-    betas: float = 0.001
-    vertices: float = 0.0
-    cam: float = 1.0
-    scale: float = 60.0
+class LossWeights(Settings):
+    SECTION = "weights"
+
+    keypoints: float = 5.0       # 2D reprojection of the 49 keypoints
+    keypoints_3d: float = 5.0    # 3D joints, where a sample has them
+    pose: float = 1.0            # SMPL rotation matrices of the valid fits
+    betas: float = 0.001         # shape of the valid fits
+    vertices: float = 0.0        # L1 on the mesh (SPIN trains without it)
+    cam: float = 1.0             # keeps the weak-perspective scale positive
+    scale: float = 60.0          # on the weighted sum, as SPIN scales its loss
     openpose: float = 0.0        # confidence factor of the OpenPose block (SPIN trains on the GT block)
     gt_keypoints: float = 1.0    # confidence factor of the ground-truth block
     pose_prior: float = 4.78 ** 2 * _SMPLIFY_TO_NORMALIZED   # 2D-only mode, times `keypoints`
     angle_prior: float = 15.2 ** 2 * _SMPLIFY_TO_NORMALIZED
     shape_prior: float = 5.0 ** 2 * _SMPLIFY_TO_NORMALIZED
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "LossWeights":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise BadInput(f"unknown loss weights {sorted(unknown)} (known: {sorted(known)})")
-        try:
-            weights = cls(**{k: float(v) for k, v in values.items()})
-        except (TypeError, ValueError) as exc:
-            raise BadInput(f"loss weights: {exc}") from exc
-        negative = [k for k, v in asdict(weights).items() if v < 0]
+    def __post_init__(self) -> None:
+        negative = [k for k, v in asdict(self).items() if v < 0]
         if negative:
             raise BadInput(f"loss weights must be >= 0: {negative}")
-        return weights
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

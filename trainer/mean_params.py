@@ -24,6 +24,7 @@ import torch
 
 from fitting.errors import BadInput
 from fitting.geometry import pose_to_rotmat, rotmat_to_pose, rotmat_to_sixd, sixd_to_rotmat
+from fitting.pose_sampler import sample_body_poses
 
 MEAN_PARAM_SHAPES = {"pose": (144,), "shape": (10,), "cam": (3,)}
 UPRIGHT_ORIENT = (math.pi, 0.0, 0.0)  # axis-angle of the global orientation
@@ -61,8 +62,6 @@ def mean_pose_axis_angle(params: dict[str, np.ndarray]) -> np.ndarray:
 
 def build_mean_params(num_poses: int = 20000, seed: int = 0) -> dict[str, np.ndarray]:
     """The built-in mean parameters from `fitting.pose_sampler` (deterministic in `seed`)."""
-    from fitting.pose_sampler import sample_body_poses
-
     poses = sample_body_poses(num_poses, np.random.default_rng(seed))
     return mean_params_from_poses(np.asarray(poses))
 

@@ -8,9 +8,7 @@ values, so they load with torch.load(weights_only=True); the regressor's configu
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,110 +17,20 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from fitting.body_model import load_body_model
 from fitting.errors import BadInput
-from trainer.augment import AugmentConfig
+from fitting.priors import load_prior
+from trainer.data.storage import atomic_local
+from trainer.data.tables import SAMPLES_SCHEMA, conform
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
-from trainer.losses import MODES, LossWeights, compute_losses
+from trainer.losses import compute_losses
 from trainer.mean_params import load_mean_params
-from trainer.model import BACKBONES, Regressor, axis_angle_pose, cam_translation, normalize_images
-from trainer.storage import atomic_local
-from trainer.tables import SAMPLES_SCHEMA, conform
+from trainer.model import Regressor, axis_angle_pose, cam_translation, normalize_images
+from trainer.train_config import TrainConfig
 
 CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
 # settings that may change between a run and its resumption
 _RESUMABLE = frozenset({"steps", "num_workers", "device", "log_every", "checkpoint_every", "threads"})
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = "small"
-    backbone_weights: str = "auto"   # 'auto' (torchvision's cache, never downloads), 'none', or a path
-    img_res: int = 128
-    batch_size: int = 64
-    lr: float = 5e-5
-    steps: int = 1000
-    num_workers: int = 2
-    mode: str = "fits"               # 'fits' (SPIN) or '2d' (keypoints and priors only)
-    weights: LossWeights = field(default_factory=LossWeights)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    use_augmentation: bool = True
-    mean_params: str | None = None   # a smpl_mean_params.npz; None = built-in
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 500
-    log_every: int = 10
-    threads: int = 0                 # torch intra-op threads; 0 = torch's default
-    grad_clip: float = 100.0         # max global gradient norm (0: off): caps the step one bad batch can take
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(values) - set(known)
-        if unknown:
-            raise BadInput(f"unknown training settings {sorted(unknown)} (known: {sorted(known)})")
-        kwargs: dict[str, Any] = {}
-        for name, value in values.items():
-            if name == "weights":
-                kwargs[name] = value if isinstance(value, LossWeights) else LossWeights.from_dict(dict(value or {}))
-            elif name == "augment":
-                kwargs[name] = value if isinstance(value, AugmentConfig) else AugmentConfig.from_dict(dict(value or {}))
-            else:
-                kwargs[name] = _coerce(name, value, cls.__dataclass_fields__[name].default)
-        config = cls(**kwargs)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise BadInput(f"unknown backbone '{self.backbone}' (choose from {', '.join(BACKBONES)})")
-        if self.mode not in MODES:
-            raise BadInput(f"unknown training mode '{self.mode}' (choose from {', '.join(MODES)})")
-        for name in ("img_res", "batch_size", "steps", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"training setting '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.img_res < 32:
-            raise BadInput(f"img_res must be >= 32, got {self.img_res}")
-        if self.num_workers < 0 or self.threads < 0:
-            raise BadInput("num_workers and threads must be >= 0")
-        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
-            raise BadInput(f"grad_clip must be a finite number >= 0, got {self.grad_clip}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise BadInput(f"lr must be a positive number, got {self.lr}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Config values from YAML or the command line, typed like the defaults."""
-    if value is None or default is None:
-        return value
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        return type(default)(value)
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"training setting '{name}': cannot read {value!r} as {type(default).__name__}") from exc
-
-
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # tests and CI: seconds
-    "tiny": {"backbone": "small", "img_res": 64, "batch_size": 8, "lr": 3e-4, "steps": 12,
-             "num_workers": 0, "checkpoint_every": 6, "log_every": 2, "backbone_weights": "none"},
-    # the demo and the ablation on a 2-core CPU: minutes. A tenth of SPIN's keypoint weight: a
-    # network trained from scratch for minutes matches the 2D keypoints with implausible 3D poses
-    # before it learns to read them, and at weight 5 scores worse than the mean pose. The loss is
-    # then about a tenth as large, and so is the gradient clip (at 100 the camera scale could
-    # turn negative and the loss diverge)
-    "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 500,
-              "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none",
-              "weights": {"keypoints": 0.5}, "grad_clip": 10.0},
-    # the paper: ResNet-50 (ImageNet weights where cached), 224 px, batch 64, Adam 5e-5
-    "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
-              "num_workers": 8, "checkpoint_every": 1000, "log_every": 50, "backbone_weights": "auto"},
-}
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -285,11 +193,9 @@ def train_regressor(
     dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
                              augment=config.augment if config.use_augmentation else None, seed=config.seed)
     if body_model is None:
-        from fitting.body_model import load_body_model
         body_model = load_body_model()
     body_model = body_model.to(device)
     if config.mode == "2d" and prior is None:
-        from fitting.priors import load_prior
         prior = load_prior()
     prior = prior.to(device) if prior is not None else None
 

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from fitting.errors import BadInput
 from fitting.keypoints import NUM_KEYPOINTS
-from trainer.tables import ARRAY_SHAPES, QUARANTINE_SCHEMA, make_table
+from trainer.data.tables import ARRAY_SHAPES, QUARANTINE_SCHEMA, make_table
 
 # SPIN's crop box is the person's box enlarged by this factor: context around the person.
 CROP_MARGIN = 1.2

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from fitting.errors import BadInput
-from trainer.synth import SynthConfig, render_chunk
-from trainer.tables import SAMPLES_SCHEMA, make_table, write_table
+from trainer.data.synth import SynthConfig, render_chunk
+from trainer.data.tables import SAMPLES_SCHEMA, make_table, write_table
 
 CHUNK = 16   # samples per body-model batch and per task; fixed, so output never depends on workers
 SPLIT_DIRS = ("train", "test", "truth")

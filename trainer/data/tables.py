@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from fitting.errors import BadInput
 from fitting.keypoints import NUM_KEYPOINTS
-from trainer import storage
+from trainer.data import storage
 
 
 def _fixed(n: int) -> pa.DataType:

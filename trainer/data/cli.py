@@ -12,11 +12,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from fitting.body_model import load_body_model
 from fitting.camera import FOCAL_LENGTH, IMG_RES, estimate_translation
 from fitting.errors import BadInput
 from fitting.keypoints import GT24, SKELETON
-from trainer.samples import DEFAULT_MIN_VISIBLE, decode_image, decode_mask, from_normalized
-from trainer.tables import SAMPLES_SCHEMA, read_table, shard_paths, to_numpy
+from fitting.render import draw_keypoints, overlay_mesh
+from trainer.data.ingest import ingest_spin_npz
+from trainer.data.samples import DEFAULT_MIN_VISIBLE, decode_image, decode_mask, from_normalized
+from trainer.data.synth import SynthConfig
+from trainer.data.synth_run import generate
+from trainer.data.tables import SAMPLES_SCHEMA, read_table, shard_paths, to_numpy
 
 TILE = 192
 
@@ -40,9 +45,6 @@ def data() -> None:
 def synth(out_dir, preset, seed, img_size, num_train, num_test, shard_size, workers, body_model, overwrite) -> None:
     """Render the synthetic benchmark: DIR/train (2D keypoints only), DIR/test (3D truth and
     masks, for evaluation), DIR/truth (the train split's truth) and DIR/dataset.json."""
-    from trainer.synth import SynthConfig
-    from trainer.synth_run import generate
-
     cfg = SynthConfig.from_preset(preset, seed=seed, img_size=img_size, num_train=num_train,
                                   num_test=num_test, shard_size=shard_size, body_model=body_model)
     if workers is not None and workers < 1:
@@ -65,8 +67,6 @@ def synth(out_dir, preset, seed, img_size, num_train, num_test, shard_size, work
 def ingest(npz_file, fmt, images_root, out_dir, dataset, img_size, shard_size, min_visible, workers) -> None:
     """Import a SPIN dataset file (dataset_extras/*.npz) and its images into sample shards;
     bad samples go to OUT/quarantine.parquet with a reason."""
-    from trainer.ingest import ingest_spin_npz
-
     summary = ingest_spin_npz(npz_file, images_root, out_dir, dataset=dataset, img_size=img_size,
                               shard_size=shard_size, min_visible=min_visible, workers=workers)
     click.echo(json.dumps(summary))
@@ -93,8 +93,6 @@ def _label(image: np.ndarray, text: str) -> np.ndarray:
 def _mesh_tile(model, image: np.ndarray, pose: np.ndarray, betas: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
     """The GT mesh over the image, placed by SPIN's camera (focal 5000 at 224 px) from the
     ground-truth-block keypoints, as SPIN places its GT meshes."""
-    from fitting.render import overlay_mesh
-
     size = image.shape[0]
     focal = FOCAL_LENGTH * size / IMG_RES
     with torch.no_grad():
@@ -113,14 +111,11 @@ def contact_sheet(directory: str, split: str | None = "train", num: int = 16, co
                   body_model: str | None = None) -> np.ndarray:
     """(H, W, 3) uint8 sheet: per sample the crop with keypoints and skeleton; next to it the GT
     mesh overlay and the mask when the sample has them."""
-    from fitting.render import draw_keypoints
-
     table = _read_samples(directory, split, num)
     keypoints = to_numpy(table, "keypoints")
     has_gt = table.column("pose").is_valid().to_numpy(zero_copy_only=False)
     model = None
     if has_gt.any():
-        from fitting.body_model import load_body_model
         model = load_body_model(body_model)
         pose, betas = to_numpy(table, "pose"), to_numpy(table, "betas")
     tiles = []

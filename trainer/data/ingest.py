@@ -21,7 +21,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from fitting.errors import BadInput
-from trainer.samples import (
+from trainer.data.samples import (
     DEFAULT_MIN_VISIBLE,
     crop_square,
     encode_image,
@@ -31,7 +31,7 @@ from trainer.samples import (
     transform_points,
     validate_samples,
 )
-from trainer.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, make_table, write_table
+from trainer.data.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, make_table, write_table
 
 # key -> shape of one row (None: the key is a string array)
 SPIN_KEYS: dict[str, tuple[int, ...] | None] = {

@@ -23,8 +23,9 @@ from fitting.errors import BadInput
 from fitting.keypoints import GT24, KEYPOINT_SOURCE, NUM_KEYPOINTS, SMPL_PARENTS
 from fitting.pose_sampler import sample_body_poses
 from fitting.render import part_labels, render
-from trainer.samples import box_to_center_scale, encode_image, encode_mask, to_normalized
-from trainer.synth_scene import (
+from fitting.settings import Settings
+from trainer.data.samples import box_to_center_scale, encode_image, encode_mask, to_normalized
+from trainer.data.synth_scene import (
     annotate_keypoints,
     camera_effects,
     clothing_colors,
@@ -53,8 +54,10 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Settings):
     """What `data synth` makes; the presets fill the sizes."""
+    SECTION = "synth"
+
     preset: str = "tiny"
     num_train: int = 160
     num_test: int = 64
@@ -76,23 +79,11 @@ class SynthConfig:
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict({"preset": preset, **values})
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "SynthConfig":
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise BadInput(f"unknown synth config keys {sorted(unknown)}")
-        values = dict(values)
-        if "focal_ratio" in values:
-            values["focal_ratio"] = tuple(float(v) for v in values["focal_ratio"])
-        cfg = cls(**values)
-        if cfg.num_train < 0 or cfg.num_test < 0 or cfg.shard_size < 1 or cfg.img_size < 32:
-            raise BadInput("synth: counts must be >= 0, shard size >= 1 and image size >= 32")
-        if cfg.supersample < 1:
-            raise BadInput("synth: supersample must be >= 1")
-        return cfg
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+    def __post_init__(self) -> None:
+        if self.num_train < 0 or self.num_test < 0 or self.shard_size < 1 or self.img_size < 32:
+            raise BadInput("counts must be >= 0, shard size >= 1 and image size >= 32")
+        if self.supersample < 1:
+            raise BadInput("supersample must be >= 1")
 
 
 @dataclass

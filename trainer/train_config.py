@@ -1,0 +1,95 @@
+"""Training settings: `TrainConfig`, the presets, and how a preset and a run's own settings merge.
+The loss weights' defaults are SPIN's (`trainer.losses.LossWeights`); a preset changes only what
+its budget needs, and says why."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fitting.errors import BadInput
+from fitting.settings import Settings
+from trainer.augment import AugmentConfig
+from trainer.losses import MODES, LossWeights
+from trainer.model import BACKBONES
+
+
+@dataclass
+class TrainConfig(Settings):
+    SECTION = "train"
+
+    backbone: str = "small"
+    backbone_weights: str = "auto"   # 'auto' (torchvision's cache, never downloads), 'none', or a path
+    img_res: int = 128
+    batch_size: int = 64
+    lr: float = 5e-5
+    steps: int = 1000
+    num_workers: int = 2
+    mode: str = "fits"               # 'fits' (SPIN) or '2d' (keypoints and priors only)
+    weights: LossWeights = field(default_factory=LossWeights)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    use_augmentation: bool = True
+    mean_params: str | None = None   # a smpl_mean_params.npz; None = built-in
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    log_every: int = 10
+    threads: int = 0                 # torch intra-op threads; 0 = torch's default
+    grad_clip: float = 100.0         # max global gradient norm (0: off): caps the step one bad batch can take
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise BadInput(f"unknown backbone '{self.backbone}' (choose from {', '.join(BACKBONES)})")
+        if self.mode not in MODES:
+            raise BadInput(f"unknown training mode '{self.mode}' (choose from {', '.join(MODES)})")
+        for name in ("img_res", "batch_size", "steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"training setting '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.img_res < 32:
+            raise BadInput(f"img_res must be >= 32, got {self.img_res}")
+        if self.num_workers < 0 or self.threads < 0:
+            raise BadInput("num_workers and threads must be >= 0")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise BadInput(f"grad_clip must be a finite number >= 0, got {self.grad_clip}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BadInput(f"lr must be a positive number, got {self.lr}")
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # tests and CI: seconds
+    "tiny": {"backbone": "small", "img_res": 64, "batch_size": 8, "lr": 3e-4, "steps": 12,
+             "num_workers": 0, "checkpoint_every": 6, "log_every": 2, "backbone_weights": "none"},
+    # the demo and the ablation on a 2-core CPU: minutes. A tenth of SPIN's keypoint weight: a
+    # network trained from scratch for minutes matches the 2D keypoints with implausible 3D poses
+    # before it learns to read them, and at weight 5 scores worse than the mean pose. The loss is
+    # then about a tenth as large, and so is the gradient clip (at 100 the camera scale could
+    # turn negative and the loss diverge)
+    "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 500,
+              "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none",
+              "weights": {"keypoints": 0.5}, "grad_clip": 10.0},
+    # the paper: ResNet-50 (ImageNet weights where cached), 224 px, batch 64, Adam 5e-5
+    "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
+              "num_workers": 8, "checkpoint_every": 1000, "log_every": 50, "backbone_weights": "auto"},
+}
+GROUPS = ("weights", "augment")  # settings that merge key by key
+
+
+def train_config(preset: str, overrides: Mapping[str, Any] | None = None, seed: int | None = None,
+                 where: str = "train") -> TrainConfig:
+    """The preset's settings with `overrides` on top, read as a TrainConfig. A group (weights,
+    augment) merges key by key: a run's own loss weight keeps the preset's others. `seed` is the
+    seed unless the overrides set one (a run passes its own)."""
+    if preset not in TRAIN_PRESETS:
+        raise BadInput(f"unknown train preset '{preset}' (known: {', '.join(TRAIN_PRESETS)})")
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, Mapping):
+        raise BadInput(f"{where}: expected a mapping, found {type(overrides).__name__}")
+    base = TRAIN_PRESETS[preset]
+    merged = {**base, **overrides}
+    for group in GROUPS:
+        if isinstance(base.get(group), Mapping) and isinstance(overrides.get(group), Mapping):
+            merged[group] = {**base[group], **overrides[group]}
+    if seed is not None:
+        merged.setdefault("seed", seed)
+    return TrainConfig.from_dict(merged, where)
