@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fitting.errors import BadInput
-from trainer import storage
-from trainer.storage import Location
+from trainer.data import storage
+from trainer.data.storage import Location
 
 LEASE = "_LEASE.json"
 

@@ -103,7 +103,7 @@ def test_racing_processes_get_one_lease(tmp_path):
 
 
 def test_lease_on_an_object_store(s3):  # noqa: F811 - the fixture
-    from trainer import storage
+    from trainer.data import storage
 
     step = storage.join(s3, "round=0", "fits")
     with Lease(step, "round 0 fits", renew_every=0.2):
