@@ -133,7 +133,7 @@ def run_child(mode: str, data: Path, actors: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--data", str(data),
                               "--work", work, "--actors", str(actors)],
-                             capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                             capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
     # Ray may print after the result at shutdown: take the child's own line

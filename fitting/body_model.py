@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
-import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ import smplx
 import torch
 from torch import nn
 
+from fitting import npz
 from fitting.errors import BadInput
 from fitting.keypoints import (
     EXTRA_JOINT_NAMES,
@@ -52,6 +52,10 @@ def _required_shapes(num_vertices: int) -> dict[str, tuple]:
         "kintree_table": (2, NUM_JOINTS),
         "f": (None, 3),
     }
+
+
+# what a body-model .npz may hold; other members are never read
+BODY_MODEL_KEYS = (*_required_shapes(1), "vertex_joint_ids", "J_regressor_extra", "provenance", "license")
 
 
 def _shape_ok(shape: tuple, expected: tuple) -> bool:
@@ -86,12 +90,22 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str = "body model") -
             raise BadInput(f"{source}: 'vertex_joint_ids' must be {len(VERTEX_JOINT_NAMES)} vertex ids")
     elif V != SMPL_NUM_VERTICES:
         raise BadInput(f"{source}: a model with {V} vertices needs 'vertex_joint_ids'")
-    if "J_regressor_extra" in arrays and np.shape(arrays["J_regressor_extra"]) != (len(EXTRA_JOINT_NAMES), V):
-        raise BadInput(f"{source}: 'J_regressor_extra' has shape {np.shape(arrays['J_regressor_extra'])}, expected 9x{V}")
+    if "J_regressor_extra" in arrays:
+        if np.shape(arrays["J_regressor_extra"]) != (len(EXTRA_JOINT_NAMES), V):
+            raise BadInput(f"{source}: 'J_regressor_extra' has shape {np.shape(arrays['J_regressor_extra'])}, expected 9x{V}")
+        if not np.all(np.isfinite(np.asarray(arrays["J_regressor_extra"], dtype=np.float64))):
+            raise BadInput(f"{source}: 'J_regressor_extra' contains NaN or Inf")
+    # linear blend skinning walks the tree in joint order: each parent must come before its child
+    parents = np.asarray(arrays["kintree_table"])[0, 1:].astype(np.int64)
+    wrong = np.flatnonzero((parents < 0) | (parents >= np.arange(1, NUM_JOINTS)))
+    if wrong.size:
+        joint = int(wrong[0]) + 1
+        raise BadInput(f"{source}: 'kintree_table' gives joint {joint} the parent {int(parents[wrong[0]])}; "
+                       f"a parent must be one of the joints 0..{joint - 1}")
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a body-model .npz without ever unpickling, and validate it."""
+    """Read a body-model .npz without ever unpickling (its known keys only), and validate it."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"body model not found: {path}")
@@ -100,11 +114,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             f"{path} is a pickle; convert it once with "
             f"`spin-pipeline body-model convert --allow-pickle {path} OUT.npz`"
         )
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInput(f"{path}: not a readable .npz body model ({' '.join(str(exc).split())})") from exc
+    arrays = npz.read_npz(path, BODY_MODEL_KEYS, what="body model")
     validate_arrays(arrays, source=str(path))
     return arrays
 

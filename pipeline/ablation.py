@@ -34,6 +34,7 @@ from pipeline import rundir
 from pipeline.config import RunConfig, apply_overrides, save_config, yaml_settings
 from pipeline.demo import ensure_benchmark
 from pipeline.evaluation import read_split
+from pipeline.lease import Lease
 from pipeline.report import headline
 from pipeline.rounds import eval_round, run_pipeline
 from pipeline.tracking import Tracker
@@ -62,12 +63,12 @@ def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, A
     """The baseline: no fits at all, keypoints and priors only."""
     if rundir.is_done(run, 0, "model"):
         return rundir.read_success(run, 0, "model")
-    child = tracker.child("train-2d-only", config.training.to_dict())
     data = Path(config.data) / "train"
-    summary = train_regressor(config.training, [data], None, rundir.step_dir(run, 0, "model"),
-                              log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
-    rundir.mark_done(run, 0, "model", {**summary, "round": 0})
-    tracker.finish(child)
+    out_dir = rundir.step_dir(run, 0, "model")
+    with Lease(out_dir, "round 0 model"), tracker.step("train-2d-only", config.training.to_dict()) as child:
+        summary = train_regressor(config.training, [data], None, out_dir,
+                                  log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
+        rundir.mark_done(run, 0, "model", {**summary, "round": 0})
     return summary
 
 
@@ -224,8 +225,9 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
         tracker = Tracker(run, "ablation", uri, run_name=arm, params={"arm": arm, **config.to_dict()})
         click.echo(f"== {arm}")
         if arm == "2d-only":
-            train_2d_only(run, config, tracker)
-            metrics = eval_round(run, 0, config, tracker)
+            with tracker.active():
+                train_2d_only(run, config, tracker)
+                metrics = eval_round(run, 0, config, tracker)
             results["arms"][arm] = {"regressor": metrics["regressor"]}
             continue
         if arm == "loop" and not rundir.is_done(run, 0, "fits"):

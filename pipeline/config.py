@@ -9,6 +9,7 @@ keeps only what the run sets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -36,6 +37,14 @@ class FitStageConfig(Settings):
     def __post_init__(self) -> None:
         if self.solver and self.solver not in SOLVERS:
             raise BadInput(f"unknown solver '{self.solver}' (known: {', '.join(sorted(SOLVERS))})")
+        for name, value, low, meaning in (
+                ("batch_size", self.batch_size, 1, "at least 1"),
+                ("num_actors", self.num_actors, 0, "0 (one per core or GPU) or more"),
+                ("cpus_per_actor", self.cpus_per_actor, 0, "0 (the cores split over the actors) or more")):
+            if value < low:
+                raise BadInput(f"{name} is {value}; it must be {meaning}")
+        if self.gpus_per_actor < 0 and self.gpus_per_actor != -1:
+            raise BadInput(f"gpus_per_actor is {self.gpus_per_actor}; it must be -1 (one when the cluster has GPUs) or >= 0")
 
 
 @dataclass
@@ -63,6 +72,8 @@ class RunConfig(Settings):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise BadInput(f"rounds is {self.rounds}; a run has at least 1 round")
         # read the sections that other rooms own now: a bad setting fails before any work
         _ = self.smplify, self.training
 
@@ -125,21 +136,34 @@ def save_config(config: RunConfig, path: str | Location) -> None:
     storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml.
-    RUN, the data directory and FILE may be URIs."""
-    saved = storage.join(run, "config.yaml")
-    if config_path:
-        base = load_config(config_path)
-    elif storage.exists(saved):
-        base = load_config(saved)
-    else:
-        base = RunConfig()
+def save_run_config(run: Location, config: RunConfig) -> None:
+    """RUN/config.yaml: called by a step that succeeded, just before it marks itself done."""
+    save_config(config, storage.join(run, "config.yaml"))
+
+
+def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any], force: bool = False) -> RunConfig:
+    """Flags > --config FILE > RUN/config.yaml > defaults. RUN, the data directory and FILE may be
+    URIs. Nothing is written here: a command that fails leaves the run as it was, and a step that
+    succeeds records its config (`save_run_config`). Data other than the run's (RUN/config.yaml,
+    written by its earlier steps) is refused unless `force`."""
+    saved_path = storage.join(run, "config.yaml")
+    saved = load_config(saved_path) if storage.exists(saved_path) else None
+    base = load_config(config_path) if config_path else saved or RunConfig()
     config = apply_overrides(base, overrides)
     if config.data and not storage.is_dir(config.data):
         raise BadInput(f"data directory not found: {config.data}")
-    save_config(config, saved)
+    if saved is not None and saved.data and config.data and not force and not same_place(saved.data, config.data):
+        raise BadInput(f"the run {run} fits the data {saved.data}, not {config.data}: "
+                       "pass --force to redo this step with the new data")
     return config
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two locations name the same folder (local paths compared resolved)."""
+    a, b = storage.location(a), storage.location(b)
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return str(a) == str(b)
 
 
 def data_dir(config: RunConfig, split: str) -> Location:

@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fitting.errors import BadInput
+from pipeline.rundir import LEASE
 from trainer.data import storage
 from trainer.data.storage import Location
-
-LEASE = "_LEASE.json"
 
 
 class StepBusy(BadInput):

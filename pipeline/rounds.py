@@ -5,17 +5,19 @@ and `eval` commands.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 
 from fitting.errors import BadInput
 from pipeline import rundir
-from pipeline.config import RunConfig, data_dir, resolve_config
+from pipeline.config import RunConfig, data_dir, resolve_config, save_run_config
 from pipeline.evaluation import evaluate_round
 from pipeline.fit_stage import fit_round
 from pipeline.report import format_metrics, headline, round_table
-from pipeline.tracking import Tracker
+from pipeline.lease import Lease
+from pipeline.tracking import Tracker, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
 from trainer.train import train_regressor
@@ -23,10 +25,9 @@ from trainer.train import train_regressor
 
 def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                 force: bool = False) -> dict[str, Any]:
-    out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
+    """Train regressor N on round N's fits (resuming a killed attempt), holding the step's lease."""
     if rundir.is_done(run, round_index, "model") and not force:
         return {**rundir.read_success(run, round_index, "model"), "skipped": True}
-    rundir.clear_success(run, round_index, "model")
     fits = rundir.read_fits(run, round_index)
     train_config = config.training
     init = None
@@ -34,17 +35,27 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
         if not rundir.is_done(run, round_index - 1, "model"):
             raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
         init = storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
-    child = tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict()}) if tracker else None
-    log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if tracker else None
-    summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
-                              init_checkpoint=init, log_metrics=log)
-    summary = {**summary, "round": round_index}
-    rundir.publish(out_dir, run, round_index, "model", ["checkpoint.pt"])  # before _SUCCESS.json
-    rundir.mark_done(run, round_index, "model", summary)
-    if tracker:
-        tracker.log_dict(child, summary, "summary.json")
-        tracker.finish(child)
+    out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
+    with Lease(rundir.step_dir(run, round_index, "model"), f"round {round_index} model") as lease:
+        rundir.clear_success(run, round_index, "model")
+        params = {"round": round_index, **train_config.to_dict()}
+        with step_run(tracker, f"train-round{round_index}", params) as child:
+            log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if child else None
+            summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
+                                      init_checkpoint=init, log_metrics=log)
+            summary = {**summary, "round": round_index}
+            rundir.publish(out_dir, run, round_index, "model", summary_files(out_dir))  # before _SUCCESS.json
+            lease.check()
+            save_run_config(run, config)
+            rundir.mark_done(run, round_index, "model", summary)
+            if child:
+                tracker.log_dict(child, summary, "summary.json")
     return summary
+
+
+def summary_files(out_dir: Path) -> list[str]:
+    """The files of a finished training step that the run keeps."""
+    return [name for name in ("checkpoint.pt", "quarantine.parquet") if (out_dir / name).exists()]
 
 
 def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
@@ -53,41 +64,41 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
     if rundir.is_done(run, round_index, "eval") and not force:
         return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
     out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
-    child = tracker.child(f"eval-round{round_index}", {"round": round_index}) if tracker else None
-    metrics = evaluate_round(run, round_index, config, out_dir)
-    rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
-    rundir.mark_done(run, round_index, "eval", metrics)
+    with Lease(rundir.step_dir(run, round_index, "eval"), f"round {round_index} eval") as lease:
+        with step_run(tracker, f"eval-round{round_index}", {"round": round_index}) as child:
+            metrics = evaluate_round(run, round_index, config, out_dir)
+            rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
+            lease.check()
+            save_run_config(run, config)
+            rundir.mark_done(run, round_index, "eval", metrics)
+            if child:
+                tracker.log_metrics(child, metrics, step=round_index)
+                for png in sorted(out_dir.glob("*.png")):
+                    tracker.log_artifact(child, png)
     if tracker:
-        tracker.log_metrics(child, metrics, step=round_index)
-        for png in sorted(out_dir.glob("*.png")):
-            tracker.log_artifact(child, png)
-        tracker.finish(child)
         tracker.log_metrics(tracker.parent_id, headline(metrics), step=round_index)
     return metrics
 
 
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
-    """Fit and train (and evaluate) round after round, skipping finished steps."""
+    """Fit and train (and evaluate) round after round, skipping finished steps. The MLflow parent
+    run is RUNNING while this runs and FINISHED (or FAILED) when it returns (or raises)."""
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
                                  params=config.to_dict())
     results = []
-    for r in range(rounds):
-        start = time.perf_counter()
-        fit_summary = rundir.read_success(run, r, "fits") if rundir.is_done(run, r, "fits") and not force else None
-        if fit_summary is None:
-            child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__})
-            fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress)
-            tracker.log_metrics(child, fit_summary, step=r)
-            tracker.log_dict(child, fit_summary, "fits_success.json")
-            tracker.finish(child)
-        train_summary = train_round(run, r, config, tracker, force=force)
-        row = {"round": r, "fit": fit_summary, "train": train_summary}
-        if config.evaluate:
-            row["eval"] = eval_round(run, r, config, tracker, force=force)
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        results.append(row)
-    tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
+    with tracker.active():
+        for r in range(rounds):
+            start = time.perf_counter()
+            fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress,
+                                    tracker=tracker)
+            train_summary = train_round(run, r, config, tracker, force=force)
+            row = {"round": r, "fit": fit_summary, "train": train_summary}
+            if config.evaluate:
+                row["eval"] = eval_round(run, r, config, tracker, force=force)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            results.append(row)
+        tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
     return results
 
 
@@ -118,7 +129,7 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
     """
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
-                                               "train.device": device})
+                                               "train.device": device}, force=force)
     if not rundir.is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
     tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
@@ -139,7 +150,7 @@ def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
     _SUCCESS.json; logs a parent MLflow run with a child per step."""
     path = storage.location(run_dir)
     config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
-                                                "fit.solver": solver})
+                                                "fit.solver": solver}, force=force)
     results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
     click.echo(round_table(results))
 
@@ -153,6 +164,6 @@ def evaluate(round_index, data, run_dir, config_path, force):
     split, and the 3D error of round N's fits against the held-out truth. Writes
     RUN/round=N/eval/_SUCCESS.json and overlay PNGs."""
     run = storage.location(run_dir)
-    config = resolve_config(run, config_path, {"data": data})
+    config = resolve_config(run, config_path, {"data": data}, force=force)
     metrics = eval_round(run, round_index, config, None, force=force)
     click.echo(format_metrics(metrics))

@@ -52,7 +52,8 @@ def main() -> None:
 
     from pipeline import rundir
     from pipeline.config import RunConfig
-    from pipeline.fit_stage import fit_round, read_fits
+    from pipeline.fit_stage import fit_round
+    from pipeline.rundir import read_fits
 
     config = RunConfig.from_dict({
         "data": args.data,

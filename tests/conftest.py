@@ -5,8 +5,10 @@ import os
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# the `fault` marker and `--fault-table FILE`, which writes docs/reliability.md's table
+pytest_plugins = ("tests.fault_table",)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,6 @@ def run_cli(argv: list, capsys) -> tuple[int, str, str]:
 @pytest.mark.slow
 @pytest.mark.fault("a sample whose image bytes cannot be decoded, at training",
                    "quarantined with its reason; counted in the model step's `_SUCCESS.json`")
-@pytest.mark.xfail(strict=True, reason="the sample trains with zero weight and is counted nowhere")
 def test_undecodable_image_is_quarantined_at_training(tiny_benchmark, tmp_path):
     from pipeline.config import RunConfig
     from pipeline.fit_stage import fit_round
@@ -57,7 +56,6 @@ def test_undecodable_image_is_quarantined_at_training(tiny_benchmark, tmp_path):
 
 @pytest.mark.fault("a SPIN .npz whose `imgname` points outside `--images` (`../x.png`, `/abs/x.png`)",
                    "that row is quarantined with the reason; no file outside `--images` is read")
-@pytest.mark.xfail(strict=True, reason="the image path is joined without a check")
 def test_ingest_reads_images_only_under_the_images_folder(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()

@@ -48,7 +48,6 @@ def run_cli(argv: list, capsys) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.fault("two `fit --round 0` on the same run at once",
                    "the second stops at once with one line naming the writer (host, pid); the first finishes")
-@pytest.mark.xfail(strict=True, reason="both processes fit every shard")
 def test_a_second_writer_of_a_step_is_refused(tiny_benchmark, tmp_path):
     data = small_samples(tiny_benchmark, tmp_path / "data", shards=3)
     config = write_config(tmp_path / "config.yaml", data, SLOW)
@@ -74,7 +73,6 @@ def test_a_second_writer_of_a_step_is_refused(tiny_benchmark, tmp_path):
 @pytest.mark.slow
 @pytest.mark.fault("a fits file with half its shard's rows (another writer's leftovers) and no `_SUCCESS.json`",
                    "the resumed round refits that shard; `_SUCCESS.json` counts every input row")
-@pytest.mark.xfail(strict=True, reason="a fits file's existence marks its shard done, whatever it holds")
 def test_success_marker_needs_every_input_row(tiny_benchmark, tmp_path):
     from pipeline.config import RunConfig
     from pipeline.fit_stage import fit_round
@@ -93,7 +91,6 @@ def test_success_marker_needs_every_input_row(tiny_benchmark, tmp_path):
 
 
 @pytest.mark.fault("`eval --data OTHER` fails (no round 0 yet)", "RUN/config.yaml is unchanged")
-@pytest.mark.xfail(strict=True, reason="the config is written before the step runs")
 def test_a_failed_command_leaves_the_config_alone(tiny_benchmark, tmp_path, capsys):
     data = small_samples(tiny_benchmark, tmp_path / "data")
     other = small_samples(tiny_benchmark, tmp_path / "other")
@@ -108,7 +105,6 @@ def test_a_failed_command_leaves_the_config_alone(tiny_benchmark, tmp_path, caps
 @pytest.mark.slow
 @pytest.mark.fault("a later step of a run gets other data than its earlier steps (`fit --data OTHER`)",
                    "one line, exit 2, naming both; `--force` redoes the step with the new data")
-@pytest.mark.xfail(strict=True, reason="the config is rewritten and the round fits the other data silently")
 def test_a_step_with_other_data_than_the_run_is_refused(tiny_benchmark, tmp_path, capsys):
     data = small_samples(tiny_benchmark, tmp_path / "data")
     other = small_samples(tiny_benchmark, tmp_path / "other", shards=1)

@@ -162,7 +162,7 @@ def test_failed_writes_leave_nothing(s3, tmp_path, remote):
 
 
 def test_success_markers_and_config_on_s3(s3, tmp_path):
-    from pipeline.config import resolve_config
+    from pipeline.config import resolve_config, save_run_config
 
     assert not rundir.is_done(s3, 0, "fits")
     rundir.mark_done(s3, 0, "fits", {"rows": 3})
@@ -174,6 +174,8 @@ def test_success_markers_and_config_on_s3(s3, tmp_path):
 
     (tmp_path / "data" / "train").mkdir(parents=True)
     config = resolve_config(s3, None, {"data": str(tmp_path / "data"), "rounds": 5})
+    assert not storage.exists(storage.join(s3, "config.yaml")), "written before a step succeeded"
+    save_run_config(s3, config)
     assert "rounds: 5" in storage.read_text(storage.join(s3, "config.yaml"))
     assert resolve_config(s3, None, {}).rounds == 5 and config.data == str(tmp_path / "data")
     with pytest.raises(BadInput, match="data directory not found"):
@@ -192,7 +194,7 @@ def test_uri_run_needs_a_tracking_server(s3, tmp_path, monkeypatch, capsys):
                              "--data", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "MLFLOW_TRACKING_URI" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "rounds: 1" in storage.read_text(storage.join(s3, "config.yaml"))  # the CLI reached s3:// first
+    assert not storage.exists(storage.join(s3, "config.yaml")), "a failed command wrote the config"
 
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--run", s3])

@@ -41,7 +41,6 @@ def spin(args: list[str], cwd: Path, env: dict[str, str], **kwargs) -> subproces
 @pytest.mark.slow
 @pytest.mark.fault("`run` against a real `mlflow server`, killed during fit round 0, then resumed",
                    "parent FINISHED; the killed attempt's fit child FAILED; no run RUNNING; artifacts in the server's store")
-@pytest.mark.xfail(strict=True, reason="the parent run stays RUNNING and a killed attempt's child is never closed")
 def test_run_against_a_tracking_server_leaves_no_run_running(tiny_benchmark, tracking_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -83,7 +82,6 @@ def test_run_against_a_tracking_server_leaves_no_run_running(tiny_benchmark, tra
 
 @pytest.mark.fault("a step logs artifacts with the SQLite store from another working directory",
                    "artifacts under the run directory; nothing in the working directory")
-@pytest.mark.xfail(strict=True, reason="artifacts of the SQLite store go to $CWD/mlruns")
 def test_sqlite_artifacts_stay_under_the_run_directory(tmp_path, monkeypatch):
     from pipeline.tracking import Tracker
 

@@ -204,7 +204,6 @@ RUN_CONFIG_CASES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="checked only after Ray started or round 0 finished")
 @pytest.mark.parametrize("command, settings, word", RUN_CONFIG_CASES)
 def test_run_config_is_checked_before_any_work(samples, tmp_path, capsys, no_ray, command, settings, word):
     config = write_config(tmp_path / "config.yaml", samples, **settings)
@@ -226,7 +225,6 @@ MODEL_CASES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="the model and prior are loaded first in the actors")
 @pytest.mark.parametrize("key, change, word", MODEL_CASES)
 def test_body_model_and_prior_are_checked_in_the_driver(samples, tmp_path, capsys, no_ray, key, change, word):
     make = body_model_file if key == "body_model" else prior_file
@@ -246,7 +244,6 @@ SHARD_CASES = [pytest.param(kind, word, id=kind, marks=pytest.mark.fault(f"sampl
                                   ("corrupt data page behind an intact footer", "corrupt")]]
 
 
-@pytest.mark.xfail(strict=True, reason="shards are read first in the actors")
 @pytest.mark.parametrize("kind, word", SHARD_CASES)
 def test_shards_are_checked_before_ray(samples, tmp_path, capsys, no_ray, kind, word):
     data = bad_shards(kind, samples, tmp_path / "data")
@@ -256,7 +253,6 @@ def test_shards_are_checked_before_ray(samples, tmp_path, capsys, no_ray, kind, 
 
 
 @pytest.mark.fault("a SPIN .npz whose header declares a 233 TiB array", "one line, exit 2, nothing allocated")
-@pytest.mark.xfail(strict=True, reason="numpy tries to allocate the declared array")
 def test_npz_declaring_a_huge_array_is_refused(tmp_path, capsys):
     npz = npz_with(tmp_path / "huge.npz", {"imgname.npy": npy_declaring((10**12,), "<U64"), **spin_npz_members()})
     (tmp_path / "images").mkdir()
@@ -267,7 +263,6 @@ def test_npz_declaring_a_huge_array_is_refused(tmp_path, capsys):
 
 @pytest.mark.fault("a body model .npz with an extra member that cannot be decompressed",
                    "the member is never decompressed: the model loads")
-@pytest.mark.xfail(strict=True, reason="the body model reader decompresses every member")
 def test_unknown_npz_members_are_not_decompressed(tmp_path, capsys):
     path = body_model_file(tmp_path / "model.npz", lambda arrays: arrays.update(notes=np.zeros(4096)))
     with zipfile.ZipFile(path) as archive:  # np.savez stores; recompress so that the member is deflated

@@ -9,6 +9,7 @@ values, so they load with torch.load(weights_only=True); the regressor's configu
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from fitting.body_model import load_body_model
 from fitting.errors import BadInput
 from fitting.priors import load_prior
 from trainer.data.storage import atomic_local
-from trainer.data.tables import SAMPLES_SCHEMA, conform
+from trainer.data.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, conform, write_table
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
 from trainer.losses import compute_losses
 from trainer.mean_params import load_mean_params
@@ -155,15 +156,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _resume(last: Path, config: TrainConfig, regressor: Regressor, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> int:
-    """Load last.pt into the regressor, the optimizer and the RNG; returns its step."""
+            device: torch.device) -> tuple[int, set[int]]:
+    """Load last.pt into the regressor, the optimizer and the RNG; returns its step and the rows
+    whose images could not be read so far."""
     state = read_checkpoint(last, device)
     if _comparable(state["train_config"]) != _comparable(config.to_dict()):
         raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
     regressor.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), set(state.get("unreadable", []))
 
 
 def train_regressor(
@@ -202,7 +204,7 @@ def train_regressor(
     regressor = _build_regressor(config, Path(init_checkpoint) if init_checkpoint else None).to(device)
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
     last = out_dir / "last.pt"
-    start = _resume(last, config, regressor, optimizer, device) if last.is_file() else 0
+    start, unreadable = _resume(last, config, regressor, optimizer, device) if last.is_file() else (0, set())
 
     sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
     loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
@@ -212,6 +214,7 @@ def train_regressor(
     with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step") as bar:
         for batch in loader:
             values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
+            unreadable.update(batch["row"][~batch["usable"]].tolist())
             step += 1
             images += len(batch["image"])
             meter.add(values)
@@ -229,13 +232,16 @@ def train_regressor(
                     log_metrics({**meter.means(meter.epoch, "epoch/"), "epoch": float(sampler.epoch_of(step - 1))}, step)
                 meter.epoch = {}
             if step % config.checkpoint_every == 0 and not done:
-                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state()), last)
+                save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state(),
+                                         unreadable=sorted(unreadable)), last)
     seconds = time.perf_counter() - started
+    quarantine = quarantine_table(dataset, unreadable, out_dir)
     summary = {
         "steps": step, "trained_steps": step - start, "resumed_from": start or None,
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
-        "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
+        "samples": len(dataset), "quarantined": len(quarantine),
+        "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
         "fitted_samples": int(dataset.targets["pose_valid"].sum()),
         "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
         "warm_start": str(init_checkpoint) if init_checkpoint else None, "device": str(device), "mode": config.mode,
@@ -244,6 +250,19 @@ def train_regressor(
     if last.exists():
         last.unlink()
     return summary
+
+
+def quarantine_table(dataset: SamplesDataset, unreadable: set[int], out_dir: Path) -> pa.Table:
+    """The samples that did not train, with their reasons: invalid rows, and rows whose image could
+    not be read when a batch needed it. Written to OUT/quarantine.parquet when there are any."""
+    tables = [t for t in (dataset.quarantine, dataset.unreadable(unreadable, "train")) if t is not None]
+    quarantine = concat(tables, QUARANTINE_SCHEMA)
+    path = out_dir / "quarantine.parquet"
+    if len(quarantine):
+        write_table(quarantine, path)
+    elif path.exists():  # an earlier training's
+        path.unlink()
+    return quarantine
 
 
 @torch.inference_mode()
