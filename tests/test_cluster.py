@@ -130,6 +130,18 @@ def test_fit_round_survives_losing_a_worker_node(tiny_benchmark, tmp_path):
     assert len(ids) == len(set(ids)) == rows - report["quarantined"], "a row was lost or fitted twice"
 
 
+def submit_when_ready(client, entrypoint: str, timeout: float) -> str:
+    """Submit once the head's job agent has registered: the dashboard answers before it does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.mark.slow
 @pytest.mark.fault("a rendered fit manifest's entrypoint submitted with `JobSubmissionClient` to a head with token authentication",
                    "a wrong token is refused; the job succeeds and the round is done")
@@ -151,7 +163,7 @@ def test_rendered_fit_entrypoint_runs_as_a_ray_job_with_token_authentication(tin
         with pytest.raises(AuthenticationError):
             JobSubmissionClient(head.dashboard, headers={"Authorization": "Bearer wrong"}).list_jobs()
         client = JobSubmissionClient(head.dashboard, headers={"Authorization": f"Bearer {token}"})
-        job = client.submit_job(entrypoint=entrypoint)
+        job = submit_when_ready(client, entrypoint, timeout=120)
         deadline = time.monotonic() + 400
         while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
