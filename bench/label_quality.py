@@ -30,10 +30,9 @@ from fitting.errors import BadInput  # noqa: E402
 from pipeline import rundir  # noqa: E402
 from pipeline.ablation import truth_table  # noqa: E402
 from pipeline.config import yaml_settings  # noqa: E402
-from pipeline.evaluation import read_split  # noqa: E402
 from pipeline.rundir import read_fits  # noqa: E402
+from trainer.data.tables import SAMPLES_SCHEMA, read_split, write_shards  # noqa: E402
 from trainer.evaluate import evaluate_fits, evaluate_regressor  # noqa: E402
-from trainer.data.tables import SAMPLES_SCHEMA, write_shards  # noqa: E402
 from trainer.train import load_regressor, train_regressor  # noqa: E402
 from trainer.train_config import TRAIN_PRESETS, train_config  # noqa: E402
 

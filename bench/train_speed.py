@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fitting.body_model import builtin_body_model_path, load_body_model  # noqa: E402
 from trainer.augment import AugmentConfig  # noqa: E402
+from trainer.data.samples import encode_image  # noqa: E402
+from trainer.data.tables import SAMPLES_SCHEMA, fits_table, make_table, write_shards  # noqa: E402
 from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples  # noqa: E402
 from trainer.losses import LossWeights, compute_losses  # noqa: E402
 from trainer.model import Regressor, normalize_images  # noqa: E402
-from trainer.data.samples import encode_image  # noqa: E402
-from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards  # noqa: E402
 
 # backbone -> (input resolution, batch size, stored crop size, loader workers): the presets' choices
 SETUPS = {
@@ -59,10 +59,8 @@ def make_data(root: Path, n: int, crop: int, seed: int = 0) -> tuple[Path, objec
     write_shards(samples, root / "train", shard_size=max(n // 2, 1))
     pose = rng.normal(scale=0.2, size=(n, 72))
     pose[:, 0] += np.pi
-    fits = make_table({"sample_id": ids, "pose": pose, "betas": rng.normal(size=(n, 10)),
-                       "cam_t": np.tile([0.0, 0.0, 50.0], (n, 1)), "loss": np.ones(n), "joint_loss": np.zeros((n, 49)),
-                       "valid": [True] * n, "betas_ok": [True] * n, "found_in_round": np.zeros(n, np.int32),
-                       "init": ["mean"] * n, "iterations": np.zeros(n, np.int32)}, FITS_SCHEMA)
+    fits = fits_table(ids, pose=pose, betas=rng.normal(size=(n, 10)), cam_t=[0.0, 0.0, 50.0], loss=1.0,
+                      joint_loss=0.0, valid=True, betas_ok=True, found_in_round=0, init="mean", iterations=0)
     return root, fits
 
 

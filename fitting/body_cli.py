@@ -11,6 +11,7 @@ import torch
 
 from fitting.body_build import BuildConfig, build_body_model, save_body_model
 from fitting.body_model import BodyModel, builtin_body_model_path, convert_to_npz, describe, load_body_model, read_npz
+from fitting.camera import pinhole
 from fitting.errors import BadInput
 from fitting.pose_sampler import sample_body_poses
 from fitting.render import draw_keypoints, part_labels, render
@@ -128,7 +129,7 @@ def model_sheet(model, poses: np.ndarray, betas: np.ndarray, size: int) -> np.nd
         shift = np.array([-(lo[0] + hi[0]) / 2, -(lo[1] + hi[1]) / 2, focal * extent / (0.9 * size) - lo[2]])
         rendered = render(vertices + shift, model.faces, focal, (width / 2, size / 2), (size, width), part_labels=labels)
         camera = keypoints + shift
-        px = np.concatenate([focal * camera[:, :2] / camera[:, 2:] + [width / 2, size / 2], np.ones((len(camera), 1))], 1)
+        px = np.concatenate([pinhole(camera, focal, np.array([width / 2, size / 2])), np.ones((len(camera), 1))], 1)
         views.append(draw_keypoints(rendered.image, px, radius=max(2, size // 160)))
     return np.concatenate(views, axis=1)
 

@@ -2,14 +2,22 @@
 the centre of a 224-px crop, translation in camera space. Also the weak-perspective camera that
 the regressor predicts and a batched camera-translation estimate from 2D keypoints.
 
-All functions are pure and batched; shapes are given as (B, ...).
+All functions are pure and batched; shapes are given as (B, ...). `pinhole` is the projection
+itself, for torch tensors and numpy arrays alike (the renderer and the benchmark work in numpy).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 FOCAL_LENGTH = 5000.0
 IMG_RES = 224
+
+
+def pinhole(points, focal_length, center):
+    """(..., 3) camera-frame points -> (..., 2) pixels f (x, y) / z + center; torch or numpy.
+    focal_length and center broadcast against the points (a scalar, (2,), (B, 1, 2), ...)."""
+    return focal_length * points[..., :2] / points[..., 2:3] + center
 
 
 def perspective_projection(
@@ -35,7 +43,13 @@ def perspective_projection(
         center = points.new_full((1, 1, 2), img_res / 2.0)
     else:
         center = camera_center[:, None, :]
-    return focal * points[..., :2] / points[..., 2:3] + center
+    return pinhole(points, focal, center)
+
+
+def crop_camera(size: int) -> tuple[float, np.ndarray]:
+    """SPIN's camera (focal 5000 px for a 224-px crop, principal point at the centre) for a stored
+    crop of `size` pixels: (focal, (2,) principal point)."""
+    return FOCAL_LENGTH * size / IMG_RES, np.array([size / 2.0, size / 2.0])
 
 
 def weak_perspective_to_translation(

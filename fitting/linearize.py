@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from smplx.lbs import batch_rodrigues
 
+from fitting.camera import pinhole
 from fitting.keypoint_body import KeypointBody
 from fitting.keypoint_jacobian import KeypointJacobian, skew
 from fitting.keypoints import FIT_IGNORED, NUM_KEYPOINTS, NUM_SOURCE_JOINTS
@@ -92,7 +93,7 @@ def body_system(body: KeypointBody, prior: GMMPrior, keypoints: torch.Tensor, co
         pose = torch.cat([params["global_orient"], params["body_pose"]], dim=1)
         lin = jacobian(pose, params["betas"], local_root=True)
         points = lin.keypoints + params["cam_t"][:, None]
-        pixels = focal_length * points[..., :2] / points[..., 2:] + img_res / 2.0
+        pixels = pinhole(points, focal_length, img_res / 2.0)
         diff = pixels - _pick(target, rows)
         root = torch.sqrt(sigma ** 2 + diff.square())
         conf = _pick(weight, rows)[..., None]

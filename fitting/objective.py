@@ -31,11 +31,6 @@ def fit_confidence(confidence: torch.Tensor) -> torch.Tensor:
     return confidence * keep
 
 
-def project(points: torch.Tensor, cam_t: torch.Tensor, focal_length: float, img_res: int) -> torch.Tensor:
-    """(B, N, 3) model points and (B, 3) camera translation -> (B, N, 2) crop pixels."""
-    return perspective_projection(points, cam_t, focal_length, img_res=img_res)
-
-
 def reprojection_residuals(projected: torch.Tensor, keypoints: torch.Tensor, confidence: torch.Tensor,
                            sigma: float) -> torch.Tensor:
     """(B, N, 2) projections, (B, N, 3) keypoints (pixels), (B, N) confidence -> (B, N, 2)
@@ -68,7 +63,7 @@ def camera_residuals(model_keypoints: torch.Tensor, cam_t: torch.Tensor, cam_t_i
     """Camera stage: (B, 49, 3) model keypoints, (B, 3) cam_t and its initial estimate,
     (B, 49, 3) keypoints in pixels -> (B, 9) residuals: 8 torso coordinates and the depth anchor
     depth_weight * (t_z - t_z_init)."""
-    projected = project(model_keypoints, cam_t, focal_length, img_res)
+    projected = perspective_projection(model_keypoints, cam_t, focal_length, img_res=img_res)
     torso = torso_residuals(projected, keypoints).flatten(1)
     depth = depth_weight * (cam_t[:, 2:] - cam_t_init[:, 2:])
     return torch.cat([torso, depth], dim=1)
@@ -84,7 +79,7 @@ def body_residuals(model_keypoints: torch.Tensor, body_pose: torch.Tensor, betas
         + w_shape^2 ||betas||^2.
 
     `confidence` (B, 49) is the fitting confidence (see fit_confidence)."""
-    projected = project(model_keypoints, cam_t, focal_length, img_res)
+    projected = perspective_projection(model_keypoints, cam_t, focal_length, img_res=img_res)
     data = reprojection_residuals(projected, keypoints, confidence, sigma).flatten(1)
     return torch.cat([
         data,
@@ -99,7 +94,7 @@ def body_energy_terms(model_keypoints: torch.Tensor, body_pose: torch.Tensor, be
                       prior: GMMPrior, sigma: float, pose_prior_weight: float, angle_prior_weight: float,
                       shape_prior_weight: float, focal_length: float, img_res: int) -> dict[str, torch.Tensor]:
     """The body-stage energy split per term, each (B,), computed directly (not from residuals)."""
-    projected = project(model_keypoints, cam_t, focal_length, img_res)
+    projected = perspective_projection(model_keypoints, cam_t, focal_length, img_res=img_res)
     return {
         "data": reprojection_loss(projected, keypoints, confidence, sigma).sum(dim=-1),
         "pose_prior": pose_prior_weight ** 2 * prior(body_pose),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from fitting.camera import pinhole
 from fitting.keypoints import KEYPOINT_NAMES, SKELETON
 
 # LSP's six parts, the label values of `Rendered.parts`.
@@ -68,7 +69,7 @@ def rasterize(
     cx, cy = float(center[0]), float(center[1])
     z = v[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
-        px = np.stack([focal * v[:, 0] / z + cx, focal * v[:, 1] / z + cy], axis=1)
+        px = pinhole(v, focal, np.array([cx, cy]))
     tri = px[f]                                    # (F, 3, 2)
     tz = z[f]
     ok = (tz > 1e-6).all(1) & np.isfinite(tri).all((1, 2))

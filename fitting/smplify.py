@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fitting.body_model import BodyModel
-from fitting.camera import FOCAL_LENGTH, IMG_RES, estimate_translation
+from fitting.camera import FOCAL_LENGTH, IMG_RES, estimate_translation, perspective_projection
 from fitting.errors import BadInput
 from fitting.keypoint_body import KeypointBody, MeshKeypoints, rigid_keypoints
 from fitting.keypoints import NUM_KEYPOINTS
@@ -24,7 +24,6 @@ from fitting.objective import (
     body_residuals,
     camera_residuals,
     fit_confidence,
-    project,
     reprojection_loss,
 )
 from fitting.priors import GMMPrior
@@ -137,7 +136,7 @@ def score(model: BodyModel, prior: GMMPrior | None, pose: torch.Tensor, betas: t
     pose, betas, cam_t = (t.to(device, torch.float32) for t in (pose, betas, cam_t))
     with torch.no_grad():
         model_kp = KeypointBody(model)(pose, betas)
-        projected = project(model_kp, cam_t, config.focal_length, config.img_res)
+        projected = perspective_projection(model_kp, cam_t, config.focal_length, img_res=config.img_res)
         joint = reprojection_loss(projected, kp, fit_confidence(kp[..., 2]), config.sigma)
     finite = torch.isfinite(joint).all(dim=-1)
     joint = torch.where(finite[:, None], joint, float("inf"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import roma
 import torch
 
 from fitting.errors import BadInput
@@ -129,26 +130,6 @@ def autodiff_linearize(problem: StageProblem) -> Callable[..., tuple[torch.Tenso
     return linearize
 
 
-def _quaternion(rotvec: torch.Tensor) -> torch.Tensor:
-    """(..., 3) axis-angle -> (..., 4) unit quaternion (x, y, z, w)."""
-    angle = rotvec.norm(dim=-1, keepdim=True)
-    small = angle < 1e-4
-    scale = torch.where(small, 0.5 - angle.square() / 48, torch.sin(0.5 * angle) / torch.where(small, 1.0, angle))
-    return torch.cat([rotvec * scale, torch.cos(0.5 * angle)], dim=-1)
-
-
-def compose_rotvec(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """(..., 3), (..., 3) axis-angle -> (..., 3) axis-angle of R(left) R(right), angle in [0, pi]."""
-    (ax, ay, az, aw), (bx, by, bz, bw) = _quaternion(left).unbind(-1), _quaternion(right).unbind(-1)
-    q = torch.stack([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
-                     aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz], dim=-1)
-    q = torch.where(q[..., 3:] < 0, -q, q)                       # the shorter of the two angles
-    vector = q[..., :3].norm(dim=-1, keepdim=True)
-    angle = 2.0 * torch.atan2(vector, q[..., 3:])
-    small = vector < 1e-7
-    return q[..., :3] * torch.where(small, 2.0 / q[..., 3:].clamp_min(1e-7), angle / torch.where(small, 1.0, vector))
-
-
 def lm(problem: StageProblem, stage: StageConfig) -> StageResult:
     """Levenberg-Marquardt on the stage's residuals, at most `stage.iterations` (and the option
     max_iterations) steps per sample, each sample stopping on its own (see fitting.lm). Options:
@@ -185,7 +166,7 @@ def lm(problem: StageProblem, stage: StageConfig) -> StageResult:
         out = x + step
         for span in spans:
             turn, rotvec = step[:, span].unflatten(1, (-1, 3)), x[:, span].unflatten(1, (-1, 3))
-            out[:, span] = compose_rotvec(turn, rotvec).flatten(1)
+            out[:, span] = roma.rotvec_composition([turn, rotvec]).flatten(1)   # R(turn) R(rotvec)
         return out
 
     steps = int(min(stage.iterations, settings.max_iterations))

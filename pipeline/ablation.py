@@ -30,15 +30,15 @@ from fitting.body_model import load_body_model
 from fitting.camera import normalized_to_pixels
 from fitting.priors import load_prior
 from fitting.smplify import FitInit, fit, mean_init
+from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.config import RunConfig, apply_overrides, save_config, yaml_settings
-from pipeline.demo import ensure_benchmark
-from pipeline.evaluation import read_split
+from pipeline.demo import DEMO_PRESETS, ensure_benchmark
 from pipeline.lease import Lease
 from pipeline.report import headline
 from pipeline.rounds import eval_round, run_pipeline
 from pipeline.tracking import Tracker
-from trainer.data.tables import FITS_SCHEMA, NUM_KEYPOINTS, make_table, to_numpy, write_table
+from trainer.data.tables import fits_table, read_split, to_numpy, write_table
 from trainer.evaluate import evaluate_fits, evaluate_mean_pose
 from trainer.mean_params import load_mean_params, mean_pose_axis_angle
 from trainer.train import load_regressor, predict, train_regressor
@@ -76,13 +76,9 @@ def truth_table(truth: pa.Table) -> pa.Table:
     """The train split's ground truth (its sample_id, has_smpl, pose and betas) in the fits schema
     (init 'gt'): labels that train through the same code as the fits."""
     truth = truth.filter(pc.fill_null(truth.column("has_smpl"), False))
-    n = len(truth)
-    return make_table({
-        "sample_id": truth.column("sample_id").to_pylist(), "pose": to_numpy(truth, "pose"),
-        "betas": to_numpy(truth, "betas"), "cam_t": np.zeros((n, 3), np.float32), "loss": np.zeros(n, np.float32),
-        "joint_loss": np.zeros((n, NUM_KEYPOINTS), np.float32), "valid": np.ones(n, bool), "betas_ok": np.ones(n, bool),
-        "found_in_round": np.zeros(n, np.int32), "init": ["gt"] * n, "iterations": np.zeros(n, np.int32),
-    }, FITS_SCHEMA)
+    return fits_table(truth.column("sample_id").to_pylist(), pose=to_numpy(truth, "pose"), betas=to_numpy(truth, "betas"),
+                      cam_t=0.0, loss=0.0, joint_loss=0.0, valid=True, betas_ok=True, found_in_round=0, init="gt",
+                      iterations=0)
 
 
 def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
@@ -114,13 +110,10 @@ def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int
         start = time.perf_counter()
         result = fit(body, prior, keypoints, init, smplify)
         seconds = time.perf_counter() - start
-        table = make_table({
-            "sample_id": samples.column("sample_id").to_pylist(), "pose": result.pose.numpy(),
-            "betas": result.betas.numpy(), "cam_t": result.cam_t.numpy(), "loss": result.loss.numpy(),
-            "joint_loss": result.joint_loss.numpy(), "valid": result.valid.numpy(),
-            "betas_ok": result.betas_ok.numpy(), "found_in_round": np.zeros(len(samples), np.int32),
-            "init": [name] * len(samples), "iterations": result.iterations.numpy().astype(np.int32),
-        }, FITS_SCHEMA)
+        table = fits_table(samples.column("sample_id").to_pylist(), pose=result.pose.numpy(), betas=result.betas.numpy(),
+                           cam_t=result.cam_t.numpy(), loss=result.loss.numpy(), joint_loss=result.joint_loss.numpy(),
+                           valid=result.valid.numpy(), betas_ok=result.betas_ok.numpy(), found_in_round=0, init=name,
+                           iterations=result.iterations.numpy())
         out[name] = {**evaluate_fits(table, truth, body), "seconds": round(seconds, 2)}
     return out
 
@@ -186,14 +179,14 @@ def plot(results: dict[str, Any], out_png: Path) -> Path:
 
 
 @click.command("ablation")
-@click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+@click.option("--preset", type=click.Choice(DEMO_PRESETS), default="small", show_default=True,
               help="Benchmark and trainer preset.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="spin-ablation", show_default=True,
               help="Output folder: data/, one run per arm, ablation.json/.md, mlflow.db.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Rounds of the in-the-loop arm.")
 @click.option("--steps", type=int, help="Total training steps per arm (default: rounds x the preset's steps).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Benchmark and training seed.")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver.")
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
 @click.option("--train", "train_settings", multiple=True, metavar="KEY=VALUE",
               help="One training setting for every arm (a TrainConfig field), repeatable; on a GPU machine "

@@ -18,7 +18,7 @@ from fitting.priors import load_prior
 from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
 from pipeline import rundir
 from trainer.data import storage
-from trainer.data.tables import FITS_SCHEMA, make_table, read_table, to_numpy
+from trainer.data.tables import FITS_SCHEMA, fits_columns, make_table, read_table, to_numpy
 from trainer.mean_params import load_mean_params, mean_pose_axis_angle
 from trainer.train import load_regressor, predict
 
@@ -108,15 +108,11 @@ class BatchFitter:
             init_kind[has_smpl] = "gt"
             iterations = np.where(has_smpl, 0, iterations)
             reasons = [None if h else r for h, r in zip(has_smpl, reasons)]
-        columns = {
-            "sample_id": batch.column("sample_id").to_pylist(), "pose": pose, "betas": betas, "cam_t": cam_t,
-            "loss": loss, "joint_loss": joint_loss,
-            "valid": np.where(has_smpl, loss < self.config.loss_threshold, result.valid.cpu().numpy()),
-            "betas_ok": np.all(np.abs(betas) <= self.config.betas_threshold, axis=1),
-            "found_in_round": np.full(n, self.spec.round_index, dtype=np.int32),
-            "init": init_kind.tolist(), "iterations": iterations.astype(np.int32),
-        }
-        columns["valid"] = np.asarray(columns["valid"]) & np.isfinite(loss)
+        valid = np.where(has_smpl, loss < self.config.loss_threshold, result.valid.cpu().numpy()) & np.isfinite(loss)
+        columns = fits_columns(
+            batch.column("sample_id").to_pylist(), pose=pose, betas=betas, cam_t=cam_t, loss=loss,
+            joint_loss=joint_loss, valid=valid, betas_ok=np.all(np.abs(betas) <= self.config.betas_threshold, axis=1),
+            found_in_round=self.spec.round_index, init=init_kind, iterations=iterations)
         shards = [storage.basename(p) for p in batch.column("path").to_pylist()]
         merged = self._merge_previous(columns, keypoints, shards)
         table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
@@ -170,7 +166,7 @@ class BatchFitter:
     def _merge_previous(self, new: dict[str, Any], keypoints: torch.Tensor, shards: list[str]) -> dict[str, Any]:
         n = len(shards)
         has_old, old_arrays = gather_previous(new["sample_id"], shards, lambda s: self._previous_fits(s)[:2])
-        merged = {k: (np.array(v, dtype=object) if isinstance(v, list) else np.array(v)) for k, v in new.items()}
+        merged = {k: np.array(v) for k, v in new.items()}
         merged["kept_old"] = np.zeros(n, dtype=bool)
         if not has_old.any():
             return merged
@@ -194,14 +190,9 @@ class BatchFitter:
         """Rows for samples that could not be fitted: the previous best fit where there is one
         (a best fit never gets lost), else a quarantine reason."""
         n = len(batch)
-        zeros = lambda *s: np.zeros((n, *s), dtype=np.float32)  # noqa: E731
-        columns = {
-            "sample_id": batch.column("sample_id").to_pylist(), "pose": zeros(72), "betas": zeros(10),
-            "cam_t": zeros(3), "loss": np.full(n, np.inf, np.float32), "joint_loss": zeros(49),
-            "valid": np.zeros(n, bool), "betas_ok": np.zeros(n, bool),
-            "found_in_round": np.full(n, self.spec.round_index, np.int32), "init": ["mean"] * n,
-            "iterations": np.zeros(n, np.int32),
-        }
+        columns = fits_columns(batch.column("sample_id").to_pylist(), pose=0.0, betas=0.0, cam_t=0.0, loss=np.inf,
+                               joint_loss=0.0, valid=False, betas_ok=False, found_in_round=self.spec.round_index,
+                               init="mean", iterations=0)
         try:
             keypoints = normalized_to_pixels(torch.as_tensor(to_numpy(batch, "keypoints")), IMG_RES)
         except Exception:  # noqa: BLE001 - unreadable keypoints still let us carry the old fit

@@ -11,6 +11,7 @@ import sys
 import click
 
 from fitting.errors import BadInput
+from pipeline.console import set_verbose
 
 # name -> ("module:attribute", one-line help shown by `spin-pipeline --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,13 +47,16 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="spin-pipeline")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show Ray's, Ray Data's and MLflow's own logs too (else Ray's go to RUN/logs/ray.log).")
+def cli(verbose: bool) -> None:
     """spin-pipeline: SPIN's fitting-in-the-loop as an offline pipeline.
 
     Ray workers fit SMPL to 2D keypoints (SMPLify, initialized by the current regressor) and
     write best-fit tables; the regressor is retrained on them, round after round; MLflow tracks
     every step. Start with `spin-pipeline demo`.
     """
+    set_verbose(verbose)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,11 +8,16 @@ from typing import Any
 
 import click
 
+from fitting.solvers import SOLVERS
 from pipeline.config import resolve_config
 from pipeline.report import headline, round_table
 from pipeline.rounds import run_pipeline
-from trainer.data.synth import SynthConfig
+from trainer.data.synth import SYNTH_PRESETS, SynthConfig
 from trainer.data.synth_run import generate
+from trainer.train_config import TRAIN_PRESETS
+
+# a demo preset sizes both the benchmark and the trainer
+DEMO_PRESETS = [name for name in TRAIN_PRESETS if name in SYNTH_PRESETS]
 
 
 def ensure_benchmark(data: Path, preset: str, seed: int, workers: int | None = None) -> dict[str, Any]:
@@ -44,11 +49,11 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="spin-demo", show_default=True,
               help="Where the benchmark (OUT/data), the run (OUT/run) and summary.json go.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Fit/train rounds.")
-@click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+@click.option("--preset", type=click.Choice(DEMO_PRESETS), default="small", show_default=True,
               help="Benchmark and trainer preset: tiny (a minute) or small (the demo).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Benchmark seed.")
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver (default: the library default).")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver (default: the library default).")
 def demo(out_dir, rounds, preset, seed, ray_address, solver):
     """The whole loop on the built-in benchmark: synthesize it, then fit/train/evaluate ROUNDS
     rounds with real Ray and real MLflow (SQLite in OUT/run/mlflow.db). Prints a table by round

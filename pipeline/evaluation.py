@@ -12,24 +12,17 @@ import pyarrow.compute as pc
 import torch
 
 from fitting.body_model import load_body_model
-from fitting.camera import FOCAL_LENGTH, IMG_RES
+from fitting.camera import crop_camera
 from fitting.render import draw_keypoints, overlay_mesh
 from pipeline import rundir
 from pipeline.config import RunConfig
 from pipeline.report import metrics_by_round, plot_metrics_by_round
 from trainer.data import storage
-from trainer.data.samples import decode_image
+from trainer.data.samples import decode_image, from_normalized
 from trainer.data.storage import Location
-from trainer.data.tables import SAMPLES_SCHEMA, concat, read_table, shard_paths, to_numpy
+from trainer.data.tables import SAMPLES_SCHEMA, read_split, read_table, shard_paths, to_numpy
 from trainer.evaluate import evaluate_fits, evaluate_regressor, write_overlays
 from trainer.train import load_regressor
-
-
-def read_split(data: str | Location, split: str, columns: list[str] | None = None) -> pa.Table:
-    paths = shard_paths(data, split)
-    tables = [read_table(p, SAMPLES_SCHEMA) for p in paths]
-    table = concat(tables, SAMPLES_SCHEMA)
-    return table.select(columns) if columns else table
 
 
 def evaluate_round(run: Location, round_index: int, config: RunConfig, out_dir: Path) -> dict[str, Any]:
@@ -76,9 +69,7 @@ def fit_overlay_grid(run: Location, round_index: int, config: RunConfig, body, o
     keypoints = to_numpy(rows, "keypoints")
     tiles = []
     for image, kp in zip(images, keypoints):
-        size = image.shape[0]
-        px = np.concatenate([(kp[:, :2] + 1.0) * size / 2.0, kp[:, 2:]], axis=1)
-        tiles.append([draw_keypoints(image, px)])
+        tiles.append([draw_keypoints(image, from_normalized(kp, image.shape[0]))])
     for r in range(round_index + 1):
         if not rundir.is_done(run, r, "fits") and r != round_index:
             continue
@@ -92,9 +83,8 @@ def fit_overlay_grid(run: Location, round_index: int, config: RunConfig, body, o
             i = index[sid]
             with torch.no_grad():
                 verts = body(torch.from_numpy(pose[i:i + 1].copy()), torch.from_numpy(betas[i:i + 1].copy())).vertices[0].numpy()
-            size = image.shape[0]
-            focal = FOCAL_LENGTH * size / IMG_RES  # the fit's camera, rescaled to the stored crop
-            tile = overlay_mesh(image, verts + cam_t[i], body.faces, focal, np.array([size / 2, size / 2]))
+            focal, center = crop_camera(image.shape[0])  # the fit's camera, rescaled to the stored crop
+            tile = overlay_mesh(image, verts + cam_t[i], body.faces, focal, center)
             tiles[row].append(tile)
     grid = np.concatenate([np.concatenate(t, axis=1) for t in tiles], axis=0)
     out_png.parent.mkdir(parents=True, exist_ok=True)

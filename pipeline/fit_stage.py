@@ -14,8 +14,10 @@ prediction. Samples with ground truth take it as their fit, as SPIN does.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +25,19 @@ import click
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
-from fitting.errors import BadInput
-from pipeline import rundir
 from fitting.body_model import load_body_model
+from fitting.errors import BadInput
 from fitting.priors import load_prior
+from fitting.solvers import SOLVERS
+from pipeline import rundir
 from pipeline.best_fit import BatchFitter
 from pipeline.config import RunConfig, resolve_config, save_run_config
+from pipeline.console import is_verbose, stderr_to
 from pipeline.lease import Lease
 from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
+from pipeline.report import step_line
 from pipeline.tracking import Tracker, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
@@ -192,6 +198,8 @@ def fit_round(
             summary = summarize(out_dir, list(expected))
             summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
                            shards_fitted_now=len(pending), shards=len(shards))
+            if pending and not is_verbose():
+                summary["ray_log"] = str(rundir.ray_log(run))
             lease.check()
             save_run_config(run, config)
             rundir.mark_done(run, round_index, "fits", summary)
@@ -208,7 +216,20 @@ def _fit_shards(run, round_index, config, pending, expected, out_dir, ray_addres
     pending = [p for p in pending if expected[storage.basename(p)] > 0]
     if not pending:
         return
-    ensure_ray(ray_address, progress)
+    # Ray's own output goes to RUN/logs/ray.log unless --verbose; the console gets a bar by shard
+    with (nullcontext(sys.stderr) if is_verbose() else stderr_to(rundir.ray_log(run))) as console:
+        ensure_ray(ray_address, progress)
+        with tqdm(total=sum(expected[storage.basename(p)] for p in pending), desc=f"fit round {round_index}",
+                  unit="fit", file=console, disable=None if progress else True, leave=False) as bar:
+            _run_actor_pool(run, round_index, config, pending, expected, out_dir, bar, lease)
+    missing = sorted(set(expected) - rundir.complete_shards(out_dir, expected))
+    if missing:
+        raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+
+
+def _run_actor_pool(run, round_index, config, pending, expected, out_dir, bar: tqdm, lease: Lease) -> None:
+    """Fit the pending shards on an actor pool and commit each shard as soon as all its rows are
+    back; the bar counts the fits."""
     import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
 
     plan = plan_resources(config)
@@ -232,9 +253,7 @@ def _fit_shards(run, round_index, config, pending, expected, out_dir, ray_addres
             counts[name] += len(part)
             if counts[name] == expected[name]:
                 commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)), lease)
-    missing = sorted(set(expected) - rundir.complete_shards(out_dir, expected))
-    if missing:
-        raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+                bar.update(counts[name])
 
 
 def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -300,7 +319,7 @@ def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
 @click.option("--ray-address", default=None, help="Ray cluster address ('auto' inside a cluster); default: a local Ray sized to this machine.")
 @click.option("--batch-size", type=int, help="Samples per SMPLify batch in an actor.")
 @click.option("--num-actors", type=int, help="Actor pool size (default: one per core or GPU).")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver: lm (fast) or adam (SPIN's).")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver: lm (fast) or adam (SPIN's).")
 @click.option("--force", is_flag=True, help="Redo the round even if it finished.")
 def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_actors, solver, force):
     """One SMPLify fit round over the sample shards, on Ray.
@@ -313,6 +332,4 @@ def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_ac
     config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
                                                "fit.num_actors": num_actors, "fit.solver": solver}, force=force)
     summary = fit_round(run, round_index, config, ray_address=ray_address, force=force)
-    state = "already done" if summary.get("skipped") else "done"
-    click.echo(f"fit round {round_index} {state}: {summary.get('rows', 0)} fits, "
-               f"acceptance {summary.get('acceptance_rate', 0):.3f}, quarantined {summary.get('quarantined', 0)}")
+    click.echo(step_line("fit", round_index, summary))

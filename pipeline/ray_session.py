@@ -1,4 +1,6 @@
-"""One Ray session per process: local by default, sized to the machine, quiet; or a cluster.
+"""One Ray session per process: local by default, sized to the machine; or a cluster. Quiet
+unless `spin-pipeline --verbose`: Ray's INFO logs, its workers' output and Ray Data's progress
+bars reach the console only then (they stay in Ray's session logs either way).
 
 A local session is this machine's alone: every server of it (GCS, raylet, object manager, agents,
 the driver, workers and actors) listens on 127.0.0.1 only, and Ray's token authentication stays
@@ -16,6 +18,8 @@ import ipaddress
 import logging
 import os
 
+from pipeline.console import is_verbose
+
 LOCAL = ("", "local", None)
 # Ray's switch for a session confined to one machine: its node address becomes 127.0.0.1, to which
 # every process of the session binds. Read by Ray at import.
@@ -30,16 +34,19 @@ def ensure_ray(address: str | None = None, progress: bool = True) -> None:
         os.environ[ONE_MACHINE] = "0"
     import ray
 
+    verbose = is_verbose()
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     if not ray.is_initialized():
         if local:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level=logging.WARNING, configure_logging=True)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=True,
+                     **quiet)
             refuse_unless_loopback(ray.util.get_node_ip_address())
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, **quiet)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete in order: deterministic, streaming commits
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = progress and verbose  # else the fit stage's own bar, by shard
+    ctx.enable_operator_progress_bars = progress and verbose
     ctx.print_on_execution_start = False
 
 

@@ -53,6 +53,25 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def step_line(step: str, round_index: int, summary: dict[str, Any]) -> str:
+    """One line for a finished step (fit, train or eval), from its summary."""
+    head = f"{step} round {round_index}"
+    if summary.get("skipped"):
+        return f"{head}: already done"
+    if step == "fit":
+        return (f"{head}: {summary.get('rows', 0)} fits, acceptance {summary.get('acceptance_rate', 0.0):.3f}, "
+                f"{summary.get('quarantined', 0)} quarantined ({summary.get('seconds', 0):.0f} s)")
+    if step == "train":
+        loss = summary.get("final_losses", {}).get("loss", float("nan"))
+        return (f"{head}: {summary.get('trained_steps', 0)} steps, loss {loss:.4g}, "
+                f"{summary.get('images_per_s', 0.0):.1f} samples/s ({summary.get('seconds', 0):.0f} s)")
+    parts = [f"{name} {value:.1f} mm" for name, value in (
+        ("regressor PA-MPJPE", _get(summary, ("regressor", "pa_mpjpe"))),
+        ("regressor MPJPE", _get(summary, ("regressor", "mpjpe"))),
+        ("fits PA-MPJPE", _get(summary, ("fits", "pa_mpjpe")))) if value is not None]
+    return f"{head}: " + (", ".join(parts) or "done")
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     return json.dumps(metrics, indent=2, sort_keys=True, default=float)
 

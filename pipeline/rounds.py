@@ -11,16 +11,18 @@ from typing import Any
 import click
 
 from fitting.errors import BadInput
+from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.config import RunConfig, data_dir, resolve_config, save_run_config
 from pipeline.evaluation import evaluate_round
 from pipeline.fit_stage import fit_round
-from pipeline.report import format_metrics, headline, round_table
 from pipeline.lease import Lease
+from pipeline.report import format_metrics, headline, round_table, step_line
 from pipeline.tracking import Tracker, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
 from trainer.train import train_regressor
+from trainer.train_config import TRAIN_PRESETS
 
 
 def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
@@ -82,8 +84,9 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
 
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
-    """Fit and train (and evaluate) round after round, skipping finished steps. The MLflow parent
-    run is RUNNING while this runs and FINISHED (or FAILED) when it returns (or raises)."""
+    """Fit and train (and evaluate) round after round, skipping finished steps; one line per step.
+    The MLflow parent run is RUNNING while this runs and FINISHED (or FAILED) when it returns (or
+    raises)."""
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
                                  params=config.to_dict())
     results = []
@@ -92,10 +95,13 @@ def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str
             start = time.perf_counter()
             fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress,
                                     tracker=tracker)
+            click.echo(step_line("fit", r, fit_summary))
             train_summary = train_round(run, r, config, tracker, force=force)
+            click.echo(step_line("train", r, train_summary))
             row = {"round": r, "fit": fit_summary, "train": train_summary}
             if config.evaluate:
                 row["eval"] = eval_round(run, r, config, tracker, force=force)
+                click.echo(step_line("eval", r, row["eval"]))
             row["seconds"] = round(time.perf_counter() - start, 1)
             results.append(row)
         tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
@@ -118,7 +124,7 @@ def common_options(func):
 @click.command("train")
 @click.option("--round", "round_index", type=int, required=True, help="Train regressor N on round N's best fits.")
 @common_options
-@click.option("--preset", help="Trainer preset (tiny, small, paper).")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
 @click.option("--steps", type=int, help="Training steps (overrides the preset).")
 @click.option("--device", help="cpu, cuda or auto.")
 @click.option("--force", is_flag=True, help="Retrain even if regressor N exists.")
@@ -134,16 +140,16 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
     tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
     summary = train_round(run, round_index, config, tracker, force=force)
-    click.echo(f"train round {round_index} {'already done' if summary.get('skipped') else 'done'}: "
-               f"{storage.join(rundir.step_dir(run, round_index, 'model'), 'checkpoint.pt')}")
+    checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
+    click.echo(f"{step_line('train', round_index, summary)}: {checkpoint}")
 
 
 @click.command("run")
 @click.option("--rounds", type=int, help="Number of fit/train rounds (default: the config's, 3).")
 @common_options
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
-@click.option("--preset", help="Trainer preset (tiny, small, paper).")
-@click.option("--solver", type=click.Choice(["lm", "adam"]), help="SMPLify solver.")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver.")
 @click.option("--force", is_flag=True, help="Redo every step, even finished ones.")
 def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
     """The alternating driver: fit 0, train 0, eval 0, fit 1, ... Resumes at the first step without

@@ -9,6 +9,7 @@
     RUN/round=N/model/_SUCCESS.json
     RUN/round=N/eval/_SUCCESS.json       metrics of regressor N and fits N on the test split
     RUN/round=N/STEP/_LEASE.json         the writer of an unfinished step (pipeline.lease)
+    RUN/logs/ray.log                     what Ray printed during the fit rounds (without --verbose)
 
 A step is done when its _SUCCESS.json exists; readers ignore a round without one. RUN/config.yaml
 is written by a step that succeeds, just before its _SUCCESS.json.
@@ -56,6 +57,11 @@ def publish(staging: Path, run: Location, round_index: int, step: str, names: li
     target = step_dir(run, round_index, step)
     for name in names:
         storage.upload(staging / name, storage.join(target, name))
+
+
+def ray_log(run: Location) -> Path:
+    """RUN/logs/ray.log, or a local stand-in for a run on an object store."""
+    return storage.staging_dir(storage.join(run, "logs")) / "ray.log"
 
 
 def is_done(run: Location, round_index: int, step: str) -> bool:

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from fitting.errors import BadInput
 from fitting.keypoints import GT24, KEYPOINT_NAMES, NUM_KEYPOINTS
 from pipeline.cli import main
 from trainer.data.samples import (
@@ -23,8 +24,10 @@ from trainer.data.samples import (
     validate_samples,
 )
 from trainer.data.tables import (
+    FITS_SCHEMA,
     QUARANTINE_SCHEMA,
     SAMPLES_SCHEMA,
+    fits_table,
     make_table,
     read_table,
     shard_paths,
@@ -33,6 +36,22 @@ from trainer.data.tables import (
 )
 
 RNG = np.random.default_rng(7)
+
+
+def test_fits_rows_have_one_builder():
+    table = fits_table(["a", "b"], pose=np.ones((2, 72)), betas=0.0, cam_t=[0.0, 0.0, 50.0], loss=[1.0, np.inf],
+                       joint_loss=0.5, valid=[True, False], betas_ok=True, found_in_round=3, init="network",
+                       iterations=[4, 0])
+    assert table.schema == FITS_SCHEMA and table.column("sample_id").to_pylist() == ["a", "b"]
+    assert to_numpy(table, "cam_t").tolist() == [[0.0, 0.0, 50.0]] * 2 and to_numpy(table, "joint_loss").shape == (2, 49)
+    assert table.column("found_in_round").to_pylist() == [3, 3] and table.column("init").to_pylist() == ["network"] * 2
+    assert table.column("valid").to_pylist() == [True, False] and np.isinf(to_numpy(table, "loss")[1])
+    with pytest.raises(BadInput, match=r"missing \['iterations'\], unknown \['iteration'\]"):
+        fits_table(["a"], pose=0.0, betas=0.0, cam_t=0.0, loss=0.0, joint_loss=0.0, valid=True, betas_ok=True,
+                   found_in_round=0, init="gt", iteration=0)
+    with pytest.raises(ValueError):
+        fits_table(["a", "b"], pose=np.ones((3, 72)), betas=0.0, cam_t=0.0, loss=0.0, joint_loss=0.0, valid=True,
+                   betas_ok=True, found_in_round=0, init="gt", iterations=0)
 
 
 def _image(h=64, w=64, seed=0):
@@ -266,7 +285,8 @@ def test_upright_person_facing_the_camera_is_pi_about_x():
 
 def test_wrist_behind_torso_or_occluder_gets_confidence_zero():
     from fitting.pose_sampler import archetype_pose
-    from trainer.data.synth import Scene, keypoint_visibility, place_and_crop, project, render_body
+    from fitting.camera import pinhole
+    from trainer.data.synth import Scene, keypoint_visibility, place_and_crop, render_body
     from trainer.data.synth_scene import annotate_keypoints
 
     size = 128
@@ -277,7 +297,7 @@ def test_wrist_behind_torso_or_occluder_gets_confidence_zero():
     cam_t, _, _, focal, pp = place_and_crop(vertices, ctx.dominant, scene, size)
     kp_cam = keypoints + cam_t
     body = render_body(ctx, vertices + cam_t, focal, pp, size, zoom=1)
-    kp_px = project(kp_cam, focal, pp)
+    kp_px = pinhole(kp_cam, focal, pp)
     visible = keypoint_visibility(kp_cam, kp_px, body.depth, body.joints, ctx.own)
     near, far = sorted(wrists, key=lambda k: kp_cam[k, 2])
     assert visible[near] and not visible[far]       # side view: the far wrist is behind the body

@@ -22,7 +22,7 @@ from fitting.objective import fit_confidence
 from fitting.pose_sampler import sample_body_poses
 from fitting.priors import load_prior
 from fitting.smplify import FitInit, SmplifyConfig, _stage_residuals, _stage_system, fit, mean_init, score
-from fitting.solvers import StageProblem, autodiff_linearize, compose_rotvec, lm
+from fitting.solvers import StageProblem, autodiff_linearize, lm
 from tests.toy_body import make_toy_smpl
 
 
@@ -132,13 +132,13 @@ def test_left_jacobian_is_the_derivative_of_the_exponential():
         torch.testing.assert_close(left_jacobian(theta), omega, atol=1e-6, rtol=1e-6)
 
 
-def test_compose_rotvec_is_the_rotation_product():
+def test_the_rotation_composition_of_lm_steps_is_the_product_on_the_shorter_arc():
     gen = torch.Generator().manual_seed(0)
     left, right = 2.0 * torch.randn(200, 3, generator=gen), 2.0 * torch.randn(200, 3, generator=gen)
     left[:3] = 0.0
     right[3:6] = 0.0
     left[6], right[6] = torch.tensor([math.pi, 0.0, 0.0]), torch.tensor([1e-6, 0.0, 0.0])
-    out = compose_rotvec(left, right)
+    out = roma.rotvec_composition([left, right])
     assert (out.norm(dim=-1) <= math.pi + 1e-5).all()
     torch.testing.assert_close(roma.rotvec_to_rotmat(out), roma.rotvec_to_rotmat(left) @ roma.rotvec_to_rotmat(right),
                                atol=2e-6, rtol=0)

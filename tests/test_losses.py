@@ -14,8 +14,8 @@ from trainer.dataset import SamplesDataset
 from trainer.losses import (
     LossWeights, camera_loss, compute_losses, keypoint_3d_loss, keypoint_loss, masked_mean, project_keypoints,
 )
-from trainer.model import RegressorOutput
 from trainer.data.tables import FITS_SCHEMA, make_table, to_numpy
+from trainer.model import RegressorOutput
 
 torch.set_num_threads(1)
 

@@ -17,9 +17,9 @@ from trainer.evaluate import evaluate_fits, evaluate_regressor, format_table, wr
 from trainer.metrics import (
     AUC_THRESHOLDS_MM, auc, confusion_matrix, joint_errors, mpjpe, pa_mpjpe, pck, pose_metrics, segmentation_scores,
 )
-from trainer.model import Regressor
 from trainer.data.samples import encode_mask
 from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, to_numpy, write_shards
+from trainer.model import Regressor
 
 torch.set_num_threads(1)
 

@@ -15,8 +15,8 @@ from fitting.geometry import similarity_align
 from fitting.keypoint_body import KeypointBody, rigid_keypoints
 from fitting.keypoints import FIT_IGNORED, GT_TORSO, LSP14, OP_TORSO
 from fitting.objective import body_energy_terms, body_residuals, camera_residuals, fit_confidence, gmof
-from fitting.priors import angle_prior
 from fitting.pose_sampler import sample_body_poses
+from fitting.priors import angle_prior
 from fitting.priors import load_prior
 from fitting.smplify import (
     FitInit,

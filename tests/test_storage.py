@@ -15,7 +15,7 @@ import pytest
 from fitting.errors import BadInput
 from pipeline import rundir
 from trainer.data import storage
-from trainer.data.tables import FITS_SCHEMA, read_table, shard_paths, to_numpy, write_table
+from trainer.data.tables import FITS_SCHEMA, fits_table, read_table, shard_paths, to_numpy, write_table
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -112,13 +112,8 @@ def test_storage_round_trips_on_s3(s3, tmp_path):
 
 
 def fits_rows(n: int, start: int = 0) -> pa.Table:
-    from trainer.data.tables import make_table
-    return make_table({
-        "sample_id": [f"s{start + i}" for i in range(n)], "pose": np.zeros((n, 72)), "betas": np.zeros((n, 10)),
-        "cam_t": np.ones((n, 3)), "loss": np.arange(n, dtype=np.float32), "joint_loss": np.zeros((n, 49)),
-        "valid": np.ones(n, bool), "betas_ok": np.ones(n, bool), "found_in_round": np.zeros(n, np.int32),
-        "init": ["mean"] * n, "iterations": np.full(n, 3, np.int32),
-    }, FITS_SCHEMA)
+    return fits_table([f"s{start + i}" for i in range(n)], pose=0.0, betas=0.0, cam_t=1.0, loss=np.arange(n),
+                      joint_loss=0.0, valid=True, betas_ok=True, found_in_round=0, init="mean", iterations=3)
 
 
 def test_tables_and_shards_through_uris(s3):

@@ -17,7 +17,7 @@ from fitting.keypoints import VERTEX_JOINT_NAMES
 from fitting.priors import GMMPrior
 from tests.toy_body import make_toy_smpl
 from trainer.data.samples import encode_image
-from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, write_shards
+from trainer.data.tables import SAMPLES_SCHEMA, fits_table, make_table, write_shards
 from trainer.train import load_regressor, predict, train_regressor
 from trainer.train_config import TRAIN_PRESETS, TrainConfig
 
@@ -53,10 +53,8 @@ def make_samples(body: BodyModel, n: int, seed: int = 0, size: int = 64) -> tupl
     samples = make_table({"sample_id": ids, "dataset": ["toy"] * n, "image": images,
                           "center": np.full((n, 2), size / 2), "scale": np.full(n, size / 200),
                           "keypoints": keypoints, "has_smpl": [False] * n}, SAMPLES_SCHEMA)
-    fits = make_table({"sample_id": ids, "pose": pose, "betas": betas, "cam_t": cam_t,
-                       "loss": np.ones(n), "joint_loss": np.zeros((n, 49)), "valid": [True] * n,
-                       "betas_ok": [True] * n, "found_in_round": np.zeros(n, np.int32),
-                       "init": ["mean"] * n, "iterations": np.full(n, 10, np.int32)}, FITS_SCHEMA)
+    fits = fits_table(ids, pose=pose, betas=betas, cam_t=cam_t, loss=1.0, joint_loss=0.0, valid=True, betas_ok=True,
+                      found_in_round=0, init="mean", iterations=10)
     return samples, fits
 
 

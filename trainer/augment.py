@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import roma
+import torch
 
 from fitting.errors import BadInput
 from fitting.keypoints import FLIP_PERM, GT24, SMPL_FLIP_PERM
@@ -61,17 +63,14 @@ def sample_params(rng: np.random.Generator, config: AugmentConfig) -> AugParams:
     return AugParams(flip=flip, rot=rot, scale=scale, pn=pn)
 
 
-def rotation_2d(degrees: float) -> np.ndarray:
-    """(2, 2) rotation in image axes (x right, y down)."""
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    return np.array([[c, -s], [s, c]])
-
-
 def rotation_z(degrees: float) -> np.ndarray:
-    """(3, 3) rotation about the optical axis; projects to `rotation_2d(degrees)`."""
-    out = np.eye(3)
-    out[:2, :2] = rotation_2d(degrees)
-    return out
+    """(3, 3) rotation about the optical axis (z forward, x right, y down)."""
+    return roma.rotvec_to_rotmat(torch.tensor([0.0, 0.0, math.radians(degrees)], dtype=torch.float64)).numpy()
+
+
+def rotation_2d(degrees: float) -> np.ndarray:
+    """(2, 2) rotation in image axes (x right, y down): `rotation_z` as the image sees it."""
+    return rotation_z(degrees)[:2, :2]
 
 
 def _crop_matrix(params: AugParams, size: int, img_res: int) -> np.ndarray:
@@ -136,8 +135,8 @@ def flip_pose(pose: np.ndarray) -> np.ndarray:
 def rotate_global_orient(pose: np.ndarray, degrees: float) -> np.ndarray:
     """(72,) pose with its global orientation turned by Rz(degrees) in the camera frame."""
     out = np.array(pose, dtype=np.float64, copy=True)
-    orient, _ = cv2.Rodrigues(out[:3].reshape(3, 1))
-    out[:3] = cv2.Rodrigues(rotation_z(degrees) @ orient)[0].reshape(3)
+    orient = roma.rotvec_to_rotmat(torch.from_numpy(out[:3]))
+    out[:3] = roma.rotmat_to_rotvec(torch.from_numpy(rotation_z(degrees)) @ orient).numpy()
     return out.astype(pose.dtype)
 
 

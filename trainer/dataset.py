@@ -26,15 +26,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fitting.errors import BadInput
 from trainer.augment import AugmentConfig, AugParams, augment_image, augment_joints3d, augment_keypoints, augment_pose, sample_params
 from trainer.data.samples import decode_image, read_image_file, validate_samples
-from trainer.data.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, make_table, read_table, shard_paths, to_numpy
+from trainer.data.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, make_table, read_split, to_numpy
 
 
 def read_samples(samples_dirs: Sequence[str | Path], split: str | None = "train") -> pa.Table:
     """All shards of the given directories (DIR/<split>/ when it exists, else DIR/) as one table."""
     if not samples_dirs:
         raise BadInput("no samples directories given")
-    paths = [p for d in samples_dirs for p in shard_paths(d, split=split)]
-    return concat([read_table(p, SAMPLES_SCHEMA) for p in paths], SAMPLES_SCHEMA)
+    return concat([read_split(d, split) for d in samples_dirs], SAMPLES_SCHEMA)
 
 
 def load_image(data: bytes | None, uri: str | None) -> np.ndarray:

@@ -15,16 +15,17 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
-from fitting.camera import FOCAL_LENGTH, IMG_RES
+from fitting.camera import crop_camera
 from fitting.errors import BadInput
 from fitting.keypoints import LSP14
 from fitting.render import overlay_mesh, part_labels, render
+from trainer.data.samples import decode_mask
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, conform, to_numpy
 from trainer.dataset import SamplesDataset, load_image, make_loader, read_samples
 from trainer.metrics import confusion_matrix, pose_metrics, segmentation_scores, summarize
 from trainer.model import Regressor, cam_translation, normalize_images
-from trainer.data.samples import decode_mask
-from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, conform, to_numpy
 
 LSP_IN_GT24 = [k - LSP14[0] for k in LSP14]   # rows of joints3d that hold the 14 LSP joints
 NUM_PARTS = 7                                  # background + six parts
@@ -70,12 +71,6 @@ def _pose_summary(pred: np.ndarray, gt: np.ndarray, prefix: str = "") -> dict[st
     return {f"{prefix}{k}": v for k, v in summarize(values).items()}
 
 
-def crop_camera(size: int) -> tuple[float, np.ndarray]:
-    """SPIN's camera (5000 px for a 224-px crop) for a stored crop of `size` pixels:
-    (focal, principal point)."""
-    return FOCAL_LENGTH * size / IMG_RES, np.array([size / 2.0, size / 2.0])
-
-
 @torch.no_grad()
 def evaluate_regressor(
     regressor: Regressor,
@@ -105,7 +100,7 @@ def evaluate_regressor(
     parts = np.zeros((NUM_PARTS, NUM_PARTS), np.int64)
     segmented = unreadable = 0
     pred = np.zeros((len(samples), 14, 3))
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=None, leave=False):  # a bar on a terminal only
         rows = batch["row"].numpy()
         out = regressor(normalize_images(batch["image"].to(device)))
         body = body_model(out.rotmat, out.betas)

@@ -211,7 +211,8 @@ def train_regressor(
     regressor.train()
     meter = _Meter()
     images, started, step = 0, time.perf_counter(), start
-    with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step") as bar:
+    # a bar on a terminal only (disable=None): logs and pipes get the summary instead
+    with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step", leave=False) as bar:
         for batch in loader:
             values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
             unreadable.update(batch["row"][~batch["usable"]].tolist())
@@ -219,7 +220,7 @@ def train_regressor(
             images += len(batch["image"])
             meter.add(values)
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4g}")
+            bar.set_postfix_str(f"loss {values['loss']:.4g}, {images / max(time.perf_counter() - started, 1e-9):.1f} samples/s")
             done = step == config.steps
             if step % config.log_every == 0 or done:
                 if log_metrics:

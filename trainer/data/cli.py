@@ -13,13 +13,13 @@ import pyarrow as pa
 import torch
 
 from fitting.body_model import load_body_model
-from fitting.camera import FOCAL_LENGTH, IMG_RES, estimate_translation
+from fitting.camera import IMG_RES, crop_camera, estimate_translation
 from fitting.errors import BadInput
 from fitting.keypoints import GT24, SKELETON
 from fitting.render import draw_keypoints, overlay_mesh
 from trainer.data.ingest import ingest_spin_npz
 from trainer.data.samples import DEFAULT_MIN_VISIBLE, decode_image, decode_mask, from_normalized
-from trainer.data.synth import SynthConfig
+from trainer.data.synth import SYNTH_PRESETS, SynthConfig
 from trainer.data.synth_run import generate
 from trainer.data.tables import SAMPLES_SCHEMA, read_table, shard_paths, to_numpy
 
@@ -33,7 +33,7 @@ def data() -> None:
 
 @data.command("synth")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--preset", type=click.Choice(["tiny", "small", "full"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(list(SYNTH_PRESETS)), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--img-size", type=int, default=None, help="Crop size in pixels (default: the preset's).")
 @click.option("--num-train", type=int, default=None, help="Training samples (default: the preset's).")
@@ -94,7 +94,7 @@ def _mesh_tile(model, image: np.ndarray, pose: np.ndarray, betas: np.ndarray, ke
     """The GT mesh over the image, placed by SPIN's camera (focal 5000 at 224 px) from the
     ground-truth-block keypoints, as SPIN places its GT meshes."""
     size = image.shape[0]
-    focal = FOCAL_LENGTH * size / IMG_RES
+    focal, center = crop_camera(size)
     with torch.no_grad():
         out = model(torch.tensor(pose[None], dtype=torch.float32), torch.tensor(betas[None], dtype=torch.float32))
     kp = from_normalized(keypoints, size)
@@ -104,7 +104,7 @@ def _mesh_tile(model, image: np.ndarray, pose: np.ndarray, betas: np.ndarray, ke
         gt = kp
     cam_t = estimate_translation(out.keypoints, torch.as_tensor(gt[None], dtype=torch.float32), focal, size)
     vertices = (out.vertices[0] + cam_t[0]).numpy()
-    return overlay_mesh(image, vertices, model.faces, focal, np.array([size / 2, size / 2]), alpha=0.6)
+    return overlay_mesh(image, vertices, model.faces, focal, center, alpha=0.6)
 
 
 def contact_sheet(directory: str, split: str | None = "train", num: int = 16, columns: int | None = None,

@@ -16,9 +16,11 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+import roma
 import torch
 
 from fitting.body_model import BodyModel, load_body_model
+from fitting.camera import pinhole
 from fitting.errors import BadInput
 from fitting.keypoints import GT24, KEYPOINT_SOURCE, NUM_KEYPOINTS, SMPL_PARENTS
 from fitting.pose_sampler import sample_body_poses
@@ -46,7 +48,7 @@ TORSO = (0, 3, 6, 9, 12, 13, 14)
 SURFACE_TOL, FLESH_DEPTH = 0.03, 0.3
 SUPERSAMPLE = 2
 
-PRESETS: dict[str, dict[str, int]] = {
+SYNTH_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"num_train": 160, "num_test": 64, "img_size": 96, "shard_size": 64},
     "small": {"num_train": 2000, "num_test": 400, "img_size": 128, "shard_size": 500},
     "full": {"num_train": 50000, "num_test": 5000, "img_size": 224, "shard_size": 2000},
@@ -74,9 +76,9 @@ class SynthConfig(Settings):
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SynthConfig":
-        if preset not in PRESETS:
-            raise BadInput(f"unknown preset '{preset}', expected one of {sorted(PRESETS)}")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        if preset not in SYNTH_PRESETS:
+            raise BadInput(f"unknown preset '{preset}', expected one of {sorted(SYNTH_PRESETS)}")
+        values = {**SYNTH_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict({"preset": preset, **values})
 
     def __post_init__(self) -> None:
@@ -103,18 +105,12 @@ class Scene:
     truncated: bool = False
 
 
-def _rot(axis: int, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 def global_orientation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     """(3, 3) body-to-camera rotation: yaw about the body's vertical axis, then the flip by pi
     about x (SMPL's y-up body into the y-down camera), then the camera's pitch and roll."""
-    return _rot(2, roll) @ _rot(0, pitch) @ _rot(0, np.pi) @ _rot(1, yaw)
+    turns = torch.tensor([[0.0, 0.0, roll], [pitch, 0.0, 0.0], [np.pi, 0.0, 0.0], [0.0, yaw, 0.0]], dtype=torch.float64)
+    roll_r, pitch_r, flip, yaw_r = roma.rotvec_to_rotmat(turns)
+    return (roll_r @ pitch_r @ flip @ yaw_r).numpy()
 
 
 def sample_scene(rng: np.random.Generator, cfg: SynthConfig) -> Scene:
@@ -138,7 +134,7 @@ def sample_scene(rng: np.random.Generator, cfg: SynthConfig) -> Scene:
 
 def scene_pose(scene: Scene) -> np.ndarray:
     """(72,) SMPL pose of the scene: camera-frame global orientation + body pose."""
-    orient = cv2.Rodrigues(global_orientation(scene.yaw, scene.pitch, scene.roll))[0][:, 0]
+    orient = roma.rotmat_to_rotvec(torch.from_numpy(global_orientation(scene.yaw, scene.pitch, scene.roll))).numpy()
     return np.concatenate([orient, scene.body_pose])
 
 
@@ -187,11 +183,6 @@ def synth_context(body_model: str | None) -> SynthContext:
     )
 
 
-def project(points: np.ndarray, focal: float, center: np.ndarray) -> np.ndarray:
-    """(N, 3) camera-frame points -> (N, 2) pixels."""
-    return focal * points[:, :2] / points[:, 2:3] + center
-
-
 def place_and_crop(vertices: np.ndarray, dominant: np.ndarray, scene: Scene, size: int):
     """Translation of the posed body and SPIN's crop of it.
 
@@ -201,7 +192,7 @@ def place_and_crop(vertices: np.ndarray, dominant: np.ndarray, scene: Scene, siz
     extent = float(max(hi[0] - lo[0], hi[1] - lo[1]))
     depth = scene.focal_ratio * scene.margin * extent
     cam_t = np.array([depth * np.tan(scene.off_axis[0]), depth * np.tan(scene.off_axis[1]), depth]) - mid
-    uv = project(vertices + cam_t, F_SOURCE, PP_SOURCE)
+    uv = pinhole(vertices + cam_t, F_SOURCE, PP_SOURCE)
     if scene.truncated:
         uv = uv[np.isin(dominant, UPPER_BODY)]
     center, scale = box_to_center_scale(np.concatenate([uv.min(0), uv.max(0)]), scene.margin)
@@ -280,7 +271,7 @@ def render_sample(ctx: SynthContext, scene: Scene, vertices: np.ndarray, keypoin
     colors = clothing_colors(rng, ctx.dominant, ctx.rest_vertices, ctx.rest_joints)
     body = render_body(ctx, verts, focal, pp, size, colors, random_background(rng, size), random_light(rng),
                        zoom=supersample)
-    kp_px = project(kp_cam, focal, pp)
+    kp_px = pinhole(kp_cam, focal, pp)
     image, occluder = body.image, np.zeros((size, size), bool)
     if rng.uniform() < occluder_prob:
         targets = kp_px[[i for i, s in enumerate(KEYPOINT_SOURCE) if s in LIMB_JOINTS]]

@@ -129,7 +129,7 @@ def generate(cfg: SynthConfig, out_dir: str | os.PathLike, workers: int | None =
     total = cfg.num_train + cfg.num_test
     started = time.perf_counter()
     visible = []
-    with tqdm(total=total, desc="synth", unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc="synth", unit="img", disable=None if progress else True, leave=False) as bar:
         for split, records in _run(cfg, jobs, workers):
             for record in records:
                 writers[split].add(_sample_row(record, split))

@@ -9,7 +9,7 @@ then a confidence (0 where absent).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +72,10 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 INIT_KINDS = ("mean", "network", "gt")
+# numpy type of each fits column (the array columns' shapes are in ARRAY_SHAPES)
+_FITS_DTYPES = {"sample_id": object, "pose": np.float32, "betas": np.float32, "cam_t": np.float32,
+                "loss": np.float32, "joint_loss": np.float32, "valid": bool, "betas_ok": bool,
+                "found_in_round": np.int32, "init": object, "iterations": np.int32}
 
 
 def _nulls(n: int, type_: pa.DataType) -> pa.Array:
@@ -108,6 +112,27 @@ def make_table(columns: dict[str, object], schema: pa.Schema) -> pa.Table:
             raise BadInput(f"column '{field.name}' is required")
         arrays.append(_column_array(values, field, n))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def fits_columns(sample_id: Sequence[str], **columns: Any) -> dict[str, np.ndarray]:
+    """The columns of n fits, in FITS_SCHEMA's order, each a new numpy array of the schema's type:
+    pose (n, 72), betas (n, 10), cam_t (n, 3), loss (n,), joint_loss (n, 49), valid (n,),
+    betas_ok (n,), found_in_round (n,), init (n,) of INIT_KINDS, iterations (n,). A value given
+    for one row (a round, an init kind, a constant) stands for every row."""
+    expected = set(FITS_SCHEMA.names) - {"sample_id"}
+    if set(columns) != expected:
+        raise BadInput(f"fits columns: missing {sorted(expected - set(columns))}, unknown {sorted(set(columns) - expected)}")
+    n = len(sample_id)
+    out = {"sample_id": np.asarray(list(sample_id), dtype=object)}
+    for name in FITS_SCHEMA.names[1:]:
+        shape = (n, *ARRAY_SHAPES.get(name, ()))
+        out[name] = np.broadcast_to(np.asarray(columns[name], dtype=_FITS_DTYPES[name]), shape).copy()
+    return out
+
+
+def fits_table(sample_id: Sequence[str], **columns: Any) -> pa.Table:
+    """A fits table (FITS_SCHEMA) from the columns of `fits_columns`."""
+    return make_table(fits_columns(sample_id, **columns), FITS_SCHEMA)
 
 
 def to_numpy(table: pa.Table, name: str) -> np.ndarray:
@@ -179,6 +204,13 @@ def shard_paths(directory: str | os.PathLike, split: str | None = None) -> list[
     if not paths:
         raise BadInput(f"no parquet shards in {directory}")
     return paths
+
+
+def read_split(directory: str | os.PathLike, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All sample shards of DIR/split (or DIR, see `shard_paths`) as one SAMPLES_SCHEMA table;
+    with `columns`, only those."""
+    table = concat([read_table(p, SAMPLES_SCHEMA) for p in shard_paths(directory, split)], SAMPLES_SCHEMA)
+    return table.select(columns) if columns else table
 
 
 def write_shards(table: pa.Table, directory: str | os.PathLike, shard_size: int,
