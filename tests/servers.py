@@ -157,6 +157,8 @@ def loopback_ray_env(token_file: Path | None) -> dict[str, str]:
     single-machine cluster) and, with a token file, token authentication."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    # this interpreter's scripts (ray, spin-pipeline) first, as in an activated environment
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if token_file is not None:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     return env
@@ -199,7 +201,7 @@ def ray_head(root: Path, num_cpus: int = 2, timeout: float = 180.0) -> Iterator[
     temp_dir = tempfile.mkdtemp(prefix="rayhead-")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["ray", "start", "--head", "--block", f"--port={gcs}", f"--node-ip-address={LOOPBACK}",
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--node-ip-address={LOOPBACK}",
              "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard}",
              f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -30,6 +30,8 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.fault("a second process asks for a step's lease while the first holds it",
+                   "refused with one line naming the holder (host, pid, heartbeat age)")
 def test_one_holder_at_a_time(tmp_path):
     step = tmp_path / "round=0" / "fits"
     with Lease(step, "round 0 fits") as lease:
@@ -49,6 +51,8 @@ def test_one_holder_at_a_time(tmp_path):
     ("elsewhere", 12345, 5.0, False),          # alive elsewhere
     (socket.gethostname(), "self", 0.0, False),  # a live process here (this one)
 ])
+@pytest.mark.fault("a step's writer died (this host) or stopped renewing its lease (any host)",
+                   "its lease is taken over; a live writer's is not")
 def test_stale_leases_are_taken_over(tmp_path, host, pid, age, taken):
     import os
 
@@ -69,6 +73,8 @@ def test_corrupt_lease_is_stale(tmp_path):
         pass
 
 
+@pytest.mark.fault("a writer frozen past its lease's expiry finds it taken over",
+                   "it stops before its next commit and leaves the new owner's lease alone")
 def test_heartbeat_is_renewed_and_a_lost_lease_is_noticed(tmp_path):
     with Lease(tmp_path, "fits", renew_every=0.1) as lease:
         first = json.loads((tmp_path / LEASE).read_text())["heartbeat"]
@@ -94,6 +100,7 @@ except StepBusy:
 """
 
 
+@pytest.mark.fault("four processes ask for a free step's lease at the same instant", "exactly one gets it")
 def test_racing_processes_get_one_lease(tmp_path):
     start = str(time.time() + 4)  # every racer imports first, then all try at the same instant
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "fits"), start], cwd=ROOT,
@@ -102,6 +109,7 @@ def test_racing_processes_get_one_lease(tmp_path):
     assert outcomes == ["busy", "busy", "busy", "held"]
 
 
+@pytest.mark.fault("a second writer of a step of a run on `s3://`", "refused while the lease is live (write, then read back)")
 def test_lease_on_an_object_store(s3):  # noqa: F811 - the fixture
     from trainer.data import storage
 

@@ -90,6 +90,7 @@ def test_normalize_images():
     assert torch.allclose(out[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
 
 
+@pytest.mark.fault("backbone weights that do not match, or are missing", "one-line error")
 def test_backbone_weights_from_a_path_and_from_the_hub_cache(tmp_path):
     source, _ = build_backbone("resnet18")
     state = {**source.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}

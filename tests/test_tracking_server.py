@@ -46,7 +46,7 @@ def test_run_against_a_tracking_server_leaves_no_run_running(tiny_benchmark, tra
 
     from tests.test_cluster import reshard
 
-    reshard(tiny_benchmark, tmp_path / "data", rows=16, limit=64)
+    reshard(tiny_benchmark, tmp_path / "data", rows=16, limit=32)
     config = run_config(tmp_path / "config.yaml", tmp_path / "data")
     cwd = tmp_path / "cwd"  # where a user starts the command: nothing may appear here
     cwd.mkdir()
