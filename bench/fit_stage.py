@@ -92,12 +92,14 @@ def measure(mode: str, data: Path, work: Path, actors: int) -> dict:
     torch.set_num_threads(1)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (data / "train").glob("*.parquet"))
     if mode == "inprocess":
+        from pipeline.config import RunConfig, run_models
         from pipeline.fit_stage import FitterSpec, ShardFitter
 
         commits = []
         with PeakRss() as rss:
             start = time.perf_counter()
-            fitter = ShardFitter(FitterSpec(round_index=0, run=str(work), smplify=SMPLIFY, threads=1, batch_size=BATCH))
+            fitter = ShardFitter(FitterSpec(round_index=0, run=str(work), smplify=SMPLIFY, models=run_models(RunConfig()),
+                                            threads=1, batch_size=BATCH))
             for path in sorted((data / "train").glob("*.parquet")):
                 commits.append((time.time(), len(fitter.fit_shard(str(path)))))
             seconds = time.perf_counter() - start

@@ -89,7 +89,7 @@ def main() -> None:
         for name in args.labels.split(","):
             labels = sources[name]()
             start = time.perf_counter()
-            train_regressor(config, [data / "train"], labels, Path(tmp) / name)
+            train_regressor(config, [data / "train"], labels, Path(tmp) / name, body)
             regressor = load_regressor(Path(tmp) / name / "checkpoint.pt")
             rows[name] = {
                 "labels_pa_mpjpe": round(evaluate_fits(labels, truth, body)["pa_mpjpe"], 1),

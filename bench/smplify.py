@@ -287,11 +287,16 @@ def main() -> None:
                                           if args.converged_batch else None),
         "keypoint_forward": [time_forward(model, b, 10, device) for b in (64, 512)],
     }
+    emit(report, args.out)
+
+
+def emit(report: dict, out: str | None) -> None:
+    """Print the report as JSON and, with `out`, write it there too."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

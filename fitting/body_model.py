@@ -3,9 +3,13 @@ opt-in conversion) a user's official SMPL .pkl. Every model becomes a `smplx.SMP
 `data_struct`, wrapped with what SPIN's keypoints need.
 
 The .npz layout is SMPL's own (v_template, shapedirs, posedirs, J_regressor, weights,
-kintree_table, f) plus two optional keypoint keys:
+kintree_table, f) plus optional keys:
     vertex_joint_ids   (21,) int  vertex of each smplx vertex joint, in VERTEX_JOINT_NAMES order
     J_regressor_extra  (9, V)     SPIN's extra joint regressor, rows in EXTRA_JOINT_NAMES order
+    J_regressor_h36m   (17, V)    SPIN's evaluation regressor, rows in H36M_JOINT_NAMES order
+
+A model loaded from a file carries its identity (path and sha256 of the file), so that every step
+of a run can record which model it used and refuse another.
 """
 from __future__ import annotations
 
@@ -23,8 +27,10 @@ from torch import nn
 
 from fitting import npz
 from fitting.errors import BadInput
+from fitting.identity import check_identity, file_identity
 from fitting.keypoints import (
     EXTRA_JOINT_NAMES,
+    H36M_JOINT_NAMES,
     KEYPOINT_SOURCE,
     SMPL_PARENTS,
     VERTEX_JOINT_NAMES,
@@ -55,7 +61,8 @@ def _required_shapes(num_vertices: int) -> dict[str, tuple]:
 
 
 # what a body-model .npz may hold; other members are never read
-BODY_MODEL_KEYS = (*_required_shapes(1), "vertex_joint_ids", "J_regressor_extra", "provenance", "license")
+BODY_MODEL_KEYS = (*_required_shapes(1), "vertex_joint_ids", "J_regressor_extra", "J_regressor_h36m",
+                   "provenance", "license")
 
 
 def _shape_ok(shape: tuple, expected: tuple) -> bool:
@@ -90,11 +97,11 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str = "body model") -
             raise BadInput(f"{source}: 'vertex_joint_ids' must be {len(VERTEX_JOINT_NAMES)} vertex ids")
     elif V != SMPL_NUM_VERTICES:
         raise BadInput(f"{source}: a model with {V} vertices needs 'vertex_joint_ids'")
-    if "J_regressor_extra" in arrays:
-        if np.shape(arrays["J_regressor_extra"]) != (len(EXTRA_JOINT_NAMES), V):
-            raise BadInput(f"{source}: 'J_regressor_extra' has shape {np.shape(arrays['J_regressor_extra'])}, expected 9x{V}")
-        if not np.all(np.isfinite(np.asarray(arrays["J_regressor_extra"], dtype=np.float64))):
-            raise BadInput(f"{source}: 'J_regressor_extra' contains NaN or Inf")
+    for key, rows in (("J_regressor_extra", len(EXTRA_JOINT_NAMES)), ("J_regressor_h36m", len(H36M_JOINT_NAMES))):
+        if key in arrays and np.shape(arrays[key]) != (rows, V):
+            raise BadInput(f"{source}: '{key}' has shape {np.shape(arrays[key])}, expected {rows}x{V}")
+        if key in arrays and not np.all(np.isfinite(np.asarray(arrays[key], dtype=np.float64))):
+            raise BadInput(f"{source}: '{key}' contains NaN or Inf")
     # linear blend skinning walks the tree in joint order: each parent must come before its child
     parents = np.asarray(arrays["kintree_table"])[0, 1:].astype(np.int64)
     wrong = np.flatnonzero((parents < 0) | (parents >= np.arange(1, NUM_JOINTS)))
@@ -157,9 +164,11 @@ class BodyModel(nn.Module):
     betas (B, 10). No translation: the camera carries it.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], name: str = "body model"):
+    def __init__(self, arrays: dict[str, np.ndarray], name: str = "body model",
+                 identity: dict[str, str] | None = None):
         super().__init__()
         self.name = name
+        self.identity = identity or {"path": name, "sha256": ""}
         struct = smplx.utils.Struct(**{k: arrays[k] for k in _required_shapes(1)})
         with contextlib.redirect_stdout(io.StringIO()):  # smplx prints a note about 10 betas
             self.smpl = smplx.SMPL(
@@ -171,6 +180,10 @@ class BodyModel(nn.Module):
         self.has_extra_regressor = extra is not None
         extra = default_extra_regressor(arrays) if extra is None else extra
         self.register_buffer("J_regressor_extra", torch.as_tensor(np.asarray(extra), dtype=torch.float32))
+        h36m = arrays.get("J_regressor_h36m")
+        self.has_h36m_regressor = h36m is not None
+        self.register_buffer("J_regressor_h36m", torch.as_tensor(
+            np.zeros((len(H36M_JOINT_NAMES), 0)) if h36m is None else np.asarray(h36m), dtype=torch.float32))
         self.register_buffer("keypoint_source", torch.as_tensor(KEYPOINT_SOURCE, dtype=torch.long))
         self.num_vertices = int(arrays["v_template"].shape[0])
         self.vertex_joint_ids = vertex_joint_ids(arrays)
@@ -182,6 +195,15 @@ class BodyModel(nn.Module):
     @property
     def parents(self) -> torch.Tensor:
         return self.smpl.parents
+
+    def h36m_joints(self, vertices: torch.Tensor, needed_by: str = "this evaluation") -> torch.Tensor:
+        """(B, V, 3) meshes of this model -> (B, 17, 3) joints through J_regressor_h36m (SPIN's
+        evaluation regressor, rows in H36M_JOINT_NAMES order)."""
+        if not self.has_h36m_regressor:
+            raise BadInput(
+                f"{self.name} has no J_regressor_h36m, which {needed_by} needs: store SPIN's with "
+                f"`spin-pipeline body-model convert --joint-regressor-h36m J_regressor_h36m.npy SRC DST`")
+        return torch.einsum("jv,bvc->bjc", self.J_regressor_h36m.to(vertices.dtype), vertices)
 
     def forward(self, pose: torch.Tensor, betas: torch.Tensor) -> BodyOutput:
         batch = pose.shape[0]
@@ -197,10 +219,15 @@ class BodyModel(nn.Module):
         return BodyOutput(out.vertices, out.joints[:, :NUM_JOINTS], source[:, self.keypoint_source])
 
 
-def load_body_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> BodyModel:
-    """The built-in model (path None) or a user's SMPL-layout .npz, as a BodyModel on `device`."""
+def load_body_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+                    sha256: str | None = None) -> BodyModel:
+    """The built-in model (path None) or a user's SMPL-layout .npz, as a BodyModel on `device`;
+    with `sha256`, only that file content (BadInput otherwise)."""
     path = builtin_body_model_path() if path is None else Path(path)
-    return BodyModel(read_npz(path), name=str(path)).to(device)
+    arrays = read_npz(path)
+    identity = file_identity(path, "body model")
+    check_identity(identity, sha256, "body model")
+    return BodyModel(arrays, name=str(path), identity=identity).to(device)
 
 
 # ---------------------------------------------------------------- official .pkl conversion
@@ -278,22 +305,31 @@ def convert_to_npz(
     dst: str | Path,
     allow_pickle: bool = False,
     joint_regressor_extra: str | Path | None = None,
+    joint_regressor_h36m: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
-    """Convert a user's SMPL model (.pkl with opt-in, or .npz) into a validated .npz."""
+    """Convert a user's SMPL model (.pkl with opt-in, or .npz) into a validated .npz, with SPIN's
+    J_regressor_extra.npy and J_regressor_h36m.npy when given."""
     src = Path(src)
     arrays = read_official_pickle(src, allow_pickle) if src.suffix == ".pkl" else read_npz(src)
     for key in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights"):
         arrays[key] = np.asarray(arrays[key], dtype=np.float32)
     if "shapedirs" in arrays and arrays["shapedirs"].ndim == 3:
         arrays["shapedirs"] = arrays["shapedirs"][:, :, :NUM_BETAS]
-    if joint_regressor_extra is not None:
-        extra_path = Path(joint_regressor_extra)
-        if not extra_path.exists():
-            raise BadInput(f"extra joint regressor not found: {extra_path}")
-        arrays["J_regressor_extra"] = np.load(extra_path, allow_pickle=False).astype(np.float32)
+    for key, given in (("J_regressor_extra", joint_regressor_extra), ("J_regressor_h36m", joint_regressor_h36m)):
+        if given is not None:
+            arrays[key] = _read_regressor(Path(given), key)
     validate_arrays(arrays, source=str(src))
     np.savez_compressed(dst, **arrays)
     return arrays
+
+
+def _read_regressor(path: Path, key: str) -> np.ndarray:
+    if not path.is_file():
+        raise BadInput(f"{key} not found: {path}")
+    try:
+        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadInput(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:160]})") from exc
 
 
 def describe(model: BodyModel) -> dict[str, object]:
@@ -309,5 +345,6 @@ def describe(model: BodyModel) -> dict[str, object]:
         ] or model.parents.tolist()[1:] == list(SMPL_PARENTS[1:]),
         "keypoints": "SPIN 49 (25 OpenPose + 24 ground truth)",
         "extra_regressor": "shipped" if model.has_extra_regressor else "approximated from joints",
+        "h36m_regressor": "shipped" if model.has_h36m_regressor else "none (SPIN's H36M, 3DHP and 3DPW evaluation needs one)",
         "vertex_joint_ids": model.vertex_joint_ids,
     }

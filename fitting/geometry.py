@@ -31,8 +31,9 @@ def rotmat_to_sixd(rotmat: torch.Tensor) -> torch.Tensor:
     return rotmat[..., :, :2].reshape(*rotmat.shape[:-2], 6)
 
 
-def similarity_align(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Procrustes with scale: `source` (B, N, 3) moved onto `target` (B, N, 3) by the best
-    similarity transform. Returns the aligned source (B, N, 3)."""
-    R, t, s = roma.rigid_points_registration(source, target, compute_scaling=True)
+def similarity_align(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Procrustes with scale: `source` (B, N, 3) moved onto `target` (B, N, 3) by the similarity
+    transform that minimizes the (B, N) `weights`-weighted squared distances (all 1 by default).
+    Returns the aligned source (B, N, 3)."""
+    R, t, s = roma.rigid_points_registration(source, target, weights=weights, compute_scaling=True)
     return s[:, None, None] * torch.einsum("bij,bnj->bni", R, source) + t[:, None, :]

@@ -69,6 +69,20 @@ GT24: tuple[int, ...] = tuple(range(25, 49))
 # The OpenPose block.
 OP25: tuple[int, ...] = tuple(range(25))
 
+# COCO's 17 person keypoints, in COCO's order, and the keypoint each one is in this layout (SPIN's
+# `datasets/preprocess/coco.py`): the face into the ground-truth block's nose, eyes and ears, the
+# limbs into its LSP joints. A labelled COCO joint, visible or not, has confidence 1 there.
+COCO17_NAMES: tuple[str, ...] = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+COCO17_TO_KEYPOINTS: tuple[int, ...] = tuple(KEYPOINT_NAMES.index(n) for n in (
+    "Nose", "Left Eye", "Right Eye", "Left Ear", "Right Ear", "Left Shoulder", "Right Shoulder",
+    "Left Elbow", "Right Elbow", "Left Wrist", "Right Wrist", "Left Hip", "Right Hip",
+    "Left Knee", "Right Knee", "Left Ankle", "Right Ankle",
+))
+
 # Torso keypoints of SMPLify's camera stage: OpenPose's when all four are detected, else the
 # ground-truth convention's (SPIN's camera_fitting_loss).
 OP_TORSO: tuple[int, ...] = tuple(
@@ -82,6 +96,18 @@ GT_TORSO: tuple[int, ...] = tuple(
 FIT_IGNORED: tuple[int, ...] = tuple(
     KEYPOINT_NAMES.index(n) for n in ("OP Neck", "OP RHip", "OP LHip", "Right Hip", "Left Hip")
 )
+
+# SPIN's evaluation joints (constants.py). H36M17 is the row order of J_regressor_h36m, each row
+# named by the ground-truth joint (J24 = rows 25..48 above, from 0) that SPIN's lists pair it with.
+H36M_JOINT_NAMES: tuple[str, ...] = (
+    "Pelvis", "Left Hip", "Left Knee", "Left Ankle", "Right Hip", "Right Knee", "Right Ankle",
+    "Spine (H36M)", "Neck (LSP)", "Jaw (H36M)", "Head (H36M)", "Left Shoulder", "Left Elbow", "Left Wrist",
+    "Right Shoulder", "Right Elbow", "Right Wrist",
+)
+H36M_TO_J17: tuple[int, ...] = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10, 0, 7, 9)
+H36M_TO_J14: tuple[int, ...] = H36M_TO_J17[:14]
+J24_TO_J17: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 14, 16, 17)
+J24_TO_J14: tuple[int, ...] = J24_TO_J17[:14]   # row 18, "Head (H36M)", never 13, the LSP head top
 
 # Bones for drawing, as keypoint index pairs (the 14 LSP joints plus the head).
 SKELETON: tuple[tuple[int, int], ...] = tuple(
@@ -99,8 +125,11 @@ SKELETON: tuple[tuple[int, int], ...] = tuple(
 
 def _check() -> None:
     assert len(KEYPOINT_NAMES) == 49 and len(KEYPOINT_SOURCE) == 49 and len(FLIP_PERM) == 49
+    gt24 = KEYPOINT_NAMES[GT24[0]:]
+    assert all(H36M_JOINT_NAMES[h] == gt24[j] for h, j in zip(H36M_TO_J17, J24_TO_J17) if h != 0)
     assert sorted(FLIP_PERM) == list(range(49))
     assert max(KEYPOINT_SOURCE) < NUM_SOURCE_JOINTS
+    assert len(COCO17_NAMES) == len(COCO17_TO_KEYPOINTS) == 17
 
 
 _check()

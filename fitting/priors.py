@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fitting.errors import BadInput
+from fitting.identity import check_identity, file_identity
 from fitting.npz import read_npz
 
 BODY_POSE_DIM = 69
@@ -103,6 +104,7 @@ class GMMPrior(nn.Module):
         self.register_buffer("factors", (np.sqrt(0.5) * factor).to(dtype))
         # Always positive: -log(w) >= 0 and the other two terms are >= 0.
         self.register_buffer("constants", constants.to(dtype))
+        self.identity = {"path": "arrays", "sha256": ""}  # load_prior sets the file's
 
     @classmethod
     def from_arrays(cls, means, covars, weights, source: str = "prior",
@@ -192,7 +194,7 @@ def read_prior_arrays(path: str | Path, allow_pickle: bool = False) -> dict[str,
         raise BadInput(f"pose prior not found: {path}")
     if path.suffix == ".pkl":
         if not allow_pickle:
-            raise BadInput(f"{path}: reading a pickle needs an explicit opt-in (allow_pickle=True)")
+            raise BadInput(f"{path}: reading a pickle needs an explicit opt-in (--allow-pickle)")
         raw = _read_pickle(path)
     else:
         raw = read_npz(path, ("means", "covars", "weights"), what="pose prior")
@@ -203,12 +205,17 @@ def read_prior_arrays(path: str | Path, allow_pickle: bool = False) -> dict[str,
 
 
 def load_prior(path: str | Path | None = None, allow_pickle: bool = False,
-               device: str | torch.device = "cpu") -> GMMPrior:
+               device: str | torch.device = "cpu", sha256: str | None = None) -> GMMPrior:
     """The built-in prior (path None), a user's gmm_08-format .npz, or a user's gmm_08.pkl
-    (only with allow_pickle=True; numpy arrays only)."""
+    (only with allow_pickle=True; numpy arrays only); with `sha256`, only that file content.
+    The prior carries its file's identity (`identity`: path and sha256)."""
     path = builtin_prior_path() if path is None else Path(path)
     arrays = read_prior_arrays(path, allow_pickle=allow_pickle)
-    return GMMPrior.from_arrays(arrays["means"], arrays["covars"], arrays["weights"], source=str(path)).to(device)
+    identity = file_identity(path, "pose prior")
+    check_identity(identity, sha256, "pose prior")
+    prior = GMMPrior.from_arrays(arrays["means"], arrays["covars"], arrays["weights"], source=str(path))
+    prior.identity = identity
+    return prior.to(device)
 
 
 def fit_gmm(poses: np.ndarray, num_components: int = 8, seed: int = 0,

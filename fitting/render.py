@@ -16,16 +16,19 @@ import numpy as np
 from fitting.camera import pinhole
 from fitting.keypoints import KEYPOINT_NAMES, SKELETON
 
-# LSP's six parts, the label values of `Rendered.parts`.
-PART_NAMES: tuple[str, ...] = ("background", "head", "torso", "left arm", "right arm", "left leg", "right leg")
-# SMPL joint -> part: the joint's skinning weights count towards that part.
+# The six parts of SPIN's LSP evaluation, in UP-3D's label order (`up_tools/model.py`,
+# `six_region_groups`, label = group + 1), which SPIN compares pixel by pixel with UP-3D's PNGs:
+# the label values of `Rendered.parts`. Right and left are the person's.
+PART_NAMES: tuple[str, ...] = ("background", "head", "torso", "right arm", "left arm", "right leg", "left leg")
+# SMPL joint -> part: the joint's skinning weights count towards that part. As in UP-3D, the neck
+# (12) and the collars (13, 14) are torso; the shoulders (16, 17) begin the arms.
 SMPL_JOINT_PART: tuple[int, ...] = (
-    2, 5, 6, 2, 5, 6, 2, 5, 6, 2, 5, 6, 1, 2, 2, 1, 3, 4, 3, 4, 3, 4, 3, 4,
+    2, 6, 5, 2, 6, 5, 2, 6, 5, 2, 6, 5, 2, 2, 2, 1, 4, 3, 4, 3, 4, 3, 4, 3,
 )
 # RGB 0..1 colour of each part (index 0 unused).
 PART_COLORS = np.array([
-    [0.0, 0.0, 0.0], [0.85, 0.72, 0.62], [0.55, 0.62, 0.78], [0.45, 0.75, 0.45],
-    [0.85, 0.50, 0.40], [0.62, 0.48, 0.82], [0.85, 0.75, 0.35],
+    [0.0, 0.0, 0.0], [0.85, 0.72, 0.62], [0.55, 0.62, 0.78], [0.85, 0.50, 0.40],
+    [0.45, 0.75, 0.45], [0.85, 0.75, 0.35], [0.62, 0.48, 0.82],
 ], dtype=np.float64)
 _AMBIENT = 0.35
 _DIFFUSE = 0.65

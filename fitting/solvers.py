@@ -78,9 +78,10 @@ def adam(problem: StageProblem, stage: StageConfig) -> StageResult:
     """SPIN's solver: Adam on the summed energy for `stage.iterations` steps.
 
     Adam's update is elementwise, so summing the batch leaves every sample's trajectory as if
-    it were fitted alone. Options: beta1 (0.9), beta2 (0.999), eps (1e-8); other solvers'
-    options are ignored, so that a stage can switch solvers by name alone."""
-    opts = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, **stage.options}
+    it were fitted alone. Options: beta1 (0.9), beta2 (0.999), eps (1e-8), last_iterate (0: keep
+    each sample's best iterate; 1: its last, as SPIN does); other solvers' options are ignored,
+    so that a stage can switch solvers by name alone."""
+    opts = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "last_iterate": 0.0, **stage.options}
     fixed = {k: v.detach() for k, v in problem.params.items() if k not in problem.free}
     free = {k: problem.params[k].detach().clone().requires_grad_(True) for k in problem.free}
     tracker = BestTracker(free)
@@ -101,6 +102,8 @@ def adam(problem: StageProblem, stage: StageConfig) -> StageResult:
         optimizer.step()
     ran = stage.iterations if optimizer is not None else 0
     iterations = torch.where(problem.active, ran, 0).to(torch.long)
+    if opts["last_iterate"]:
+        return StageResult({**fixed, **{k: v.detach() for k, v in free.items()}}, energy.detach(), iterations)
     return StageResult({**fixed, **tracker.params}, tracker.energy, iterations)
 
 

@@ -26,13 +26,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fitting.body_model import load_body_model
 from fitting.camera import normalized_to_pixels
-from fitting.priors import load_prior
 from fitting.smplify import FitInit, fit, mean_init
 from fitting.solvers import SOLVERS
 from pipeline import rundir
-from pipeline.config import RunConfig, apply_overrides, save_config, yaml_settings
+from pipeline.config import (
+    RunConfig,
+    apply_overrides,
+    load_run_body_model,
+    load_run_prior,
+    run_models,
+    run_params,
+    save_config,
+    yaml_settings,
+)
 from pipeline.demo import DEMO_PRESETS, ensure_benchmark
 from pipeline.lease import Lease
 from pipeline.report import headline
@@ -63,12 +70,15 @@ def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, A
     """The baseline: no fits at all, keypoints and priors only."""
     if rundir.is_done(run, 0, "model"):
         return rundir.read_success(run, 0, "model")
+    models = run_models(config)
     data = Path(config.data) / "train"
     out_dir = rundir.step_dir(run, 0, "model")
-    with Lease(out_dir, "round 0 model"), tracker.step("train-2d-only", config.training.to_dict()) as child:
+    with Lease(out_dir, "round 0 model"), \
+            tracker.step("train-2d-only", {**config.training.to_dict(), "models": models}) as child:
         summary = train_regressor(config.training, [data], None, out_dir,
+                                  load_run_body_model(models), prior=load_run_prior(models),
                                   log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
-        rundir.mark_done(run, 0, "model", {**summary, "round": 0})
+        rundir.mark_done(run, 0, "model", {**summary, "round": 0, "models": models})
     return summary
 
 
@@ -94,7 +104,8 @@ def write_truth_table(run: Path, config: RunConfig) -> dict[str, Any]:
 
 def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int = 256) -> dict[str, Any]:
     """SMPLify from the mean vs from the final loop regressor, on the same train samples."""
-    body, prior = load_body_model(config.body_model or None), load_prior(config.prior or None)
+    models = run_models(config)
+    body, prior = load_run_body_model(models), load_run_prior(models)
     smplify = config.smplify
     samples = read_split(config.data, "train").slice(0, num)
     keypoints = normalized_to_pixels(torch.from_numpy(to_numpy(samples, "keypoints").copy()))
@@ -121,7 +132,7 @@ def init_comparison(loop_run: Path, config: RunConfig, last_round: int, num: int
 def mean_pose_reference(config: RunConfig) -> dict[str, Any]:
     """Test-split metrics of predicting the regressors' mean parameters for every image."""
     mean = load_mean_params()
-    return evaluate_mean_pose([Path(config.data) / "test"], load_body_model(config.body_model or None),
+    return evaluate_mean_pose([Path(config.data) / "test"], load_run_body_model(run_models(config)),
                               mean_pose_axis_angle(mean), np.asarray(mean["shape"], np.float32))
 
 
@@ -215,7 +226,7 @@ def ablation(preset, out_dir, rounds, steps, seed, solver, ray_address, train_se
         run = out / arm
         config = arm_config(base, arm, steps, rounds)
         save_config(config, run / "config.yaml")
-        tracker = Tracker(run, "ablation", uri, run_name=arm, params={"arm": arm, **config.to_dict()})
+        tracker = Tracker(run, "ablation", uri, run_name=arm, params={"arm": arm, **run_params(config)})
         click.echo(f"== {arm}")
         if arm == "2d-only":
             with tracker.active():

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import torch
 
-from fitting.body_model import load_body_model
 from fitting.camera import IMG_RES, estimate_translation, normalized_to_pixels
-from fitting.priors import load_prior
 from fitting.smplify import FitInit, SmplifyConfig, fit, mean_init, score
 from pipeline import rundir
+from pipeline.config import load_run_body_model, load_run_prior
 from trainer.data import storage
 from trainer.data.tables import FITS_SCHEMA, fits_columns, make_table, read_table, to_numpy
 from trainer.mean_params import load_mean_params, mean_pose_axis_angle
@@ -55,8 +56,10 @@ class BatchFitter:
     def __init__(self, spec):
         self.spec = spec
         self.device = torch.device(spec.device)
-        self.model = load_body_model(spec.body_model or None, self.device)
-        self.prior = load_prior(spec.prior or None).to(self.device)
+        self.model = load_run_body_model(spec.models, self.device)
+        self.prior = load_run_prior(spec.models, self.device)
+        # what this fitter loaded, reported with every row so that the round records it
+        self.loaded = json.dumps({"body_model": self.model.identity, "prior": self.prior.identity}, sort_keys=True)
         self.config = SmplifyConfig.from_dict(spec.smplify)
         self.regressor = None
         if spec.checkpoint:
@@ -119,7 +122,14 @@ class BatchFitter:
         reasons = [r if r else None for r in reasons]
         # a sample with no usable new fit keeps its old best fit when it has one
         reasons = [None if (r is not None and merged["kept_old"][i]) else r for i, r in enumerate(reasons)]
-        return table.append_column("shard", pa.array(shards, pa.string())).append_column("reason", pa.array(reasons, pa.string()))
+        return self._with_row_notes(table, shards, reasons)
+
+    def _with_row_notes(self, table: pa.Table, shards: list[str], reasons: list[str | None]) -> pa.Table:
+        """The fits rows plus what the driver needs beside them: shard, quarantine reason, models used."""
+        n = len(table)
+        return (table.append_column("shard", pa.array(shards, pa.string()))
+                .append_column("reason", pa.array(reasons, pa.string()))
+                .append_column("models", pa.array([self.loaded] * n, pa.string())))
 
     def _mean_init(self, keypoints: torch.Tensor) -> FitInit:
         finite = torch.nan_to_num(keypoints, nan=0.0, posinf=0.0, neginf=0.0)  # screened by fit()
@@ -201,4 +211,4 @@ class BatchFitter:
         merged = self._merge_previous(columns, keypoints.to(self.device), shards)
         table = make_table({k: merged[k] for k in FITS_SCHEMA.names}, FITS_SCHEMA)
         reasons = [None if kept else reason for kept in merged["kept_old"]]
-        return table.append_column("shard", pa.array(shards, pa.string())).append_column("reason", pa.array(reasons, pa.string()))
+        return self._with_row_notes(table, shards, reasons)

@@ -16,15 +16,17 @@ from pipeline.console import set_verbose
 # name -> ("module:attribute", one-line help shown by `spin-pipeline --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pipeline.demo:demo", "The whole loop on the built-in benchmark, in minutes on a CPU."),
-    "data": ("trainer.data.cli:data", "Make the synthetic benchmark, ingest SPIN .npz datasets, inspect shards."),
+    "data": ("trainer.data.cli:data", "Make the synthetic benchmark, ingest datasets into a data root, show it."),
     "fit": ("pipeline.fit_stage:fit", "One SMPLify round over the sample shards on Ray."),
     "train": ("pipeline.rounds:train", "Train regressor N on round N's best-fit table."),
     "run": ("pipeline.rounds:run", "The alternating driver: fit 0, train 0, fit 1, ...; resumes."),
     "eval": ("pipeline.rounds:evaluate", "MPJPE, PA-MPJPE, PCK/AUC and segmentation on a test split."),
     "ablation": ("pipeline.ablation:ablation", "2D-only vs static fits vs in the loop (the paper's Table 1)."),
     "compare": ("pipeline.tracking:compare", "MLflow runs side by side."),
+    "predict": ("pipeline.predict:predict_command", "A run's regressor (optionally refined by SMPLify) on new images."),
+    "export": ("pipeline.export:export", "Fits out: SPIN's static-fits .npy per dataset, or an .npz."),
     "body-model": ("fitting.body_cli:body_model", "Build, convert, inspect and render body models."),
-    "prior": ("fitting.prior_cli:prior", "Build the GMM pose prior."),
+    "prior": ("fitting.prior_cli:prior", "Build the GMM pose prior; convert SMPLify's gmm_08.pkl."),
     "manifests": ("pipeline.manifests:manifests", "KubeRay RayJob manifests for a round or a run."),
 }
 

@@ -8,13 +8,18 @@ keeps only what the run sets.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from fitting.body_model import BodyModel, builtin_body_model_path, load_body_model
 from fitting.errors import BadInput
+from fitting.identity import file_identity
+from fitting.priors import GMMPrior, builtin_prior_path, load_prior
 from fitting.settings import Settings, read_yaml
 from fitting.smplify import SmplifyConfig
 from fitting.solvers import SOLVERS
@@ -60,9 +65,13 @@ class TrackingConfig(Settings):
 class RunConfig(Settings):
     SECTION = "config"
 
-    data: str = ""                 # samples directory (with train/ and test/ splits)
+    data: str = ""                 # data root (train/ and test/ splits, one or many datasets)
+    mix: dict[str, float] = field(default_factory=dict)  # dataset (or "a,b": split by size) -> sampling weight
     body_model: str = ""           # SMPL-layout .npz; "" is the built-in model
     prior: str = ""                # GMM pose prior .npz (gmm_08 layout); "" is the built-in prior
+    init_from: str = ""            # regressor 0's start: "" (backbone_weights), spin:FILE, or a checkpoint
+    body_model_male: str = ""      # SMPL_MALE / SMPL_FEMALE as .npz: 3DPW's truth meshes (SPIN's);
+    body_model_female: str = ""    # "" scores 3DPW against the neutral model, and says so
     rounds: int = 3
     seed: int = 0
     train_preset: str = "small"
@@ -76,6 +85,15 @@ class RunConfig(Settings):
             raise BadInput(f"rounds is {self.rounds}; a run has at least 1 round")
         # read the sections that other rooms own now: a bad setting fails before any work
         _ = self.smplify, self.training
+        for key, command in (("prior", "prior"), ("body_model", "body-model")):
+            path = getattr(self, key)
+            if path.lower().endswith(".pkl"):
+                target = path[:-4] + ".npz"
+                raise BadInput(f"{key}: {path} is a pickle, which a run never loads; convert it once with "
+                               f"`spin-pipeline {command} convert --allow-pickle {path} {target}` and set {key}: {target}")
+        for key, weight in self.mix.items():
+            if not (math.isfinite(weight) and weight >= 0):
+                raise BadInput(f"mix.{key}: a sampling weight must be a number >= 0, got {weight}")
 
     @property
     def smplify(self) -> SmplifyConfig:
@@ -86,6 +104,47 @@ class RunConfig(Settings):
     def training(self) -> TrainConfig:
         """The trainer's settings: `train` over the preset's, seeded by the run unless it sets a seed."""
         return train_config(self.train_preset, self.train, seed=self.seed, where="config.train")
+
+
+GENDERS = ("male", "female")
+
+
+def run_models(config: RunConfig) -> dict[str, dict[str, str]]:
+    """The run's body model and pose prior (and its male and female models, when set): path and
+    sha256 of each file. Every step takes them at its start, loads only those contents and records
+    them, so a step can never use another model than the configured one."""
+    models = {"body_model": file_identity(config.body_model or builtin_body_model_path(), "body model"),
+              "prior": file_identity(config.prior or builtin_prior_path(), "pose prior")}
+    for gender in GENDERS:
+        path = getattr(config, f"body_model_{gender}")
+        if path:
+            models[f"body_model_{gender}"] = file_identity(path, f"{gender} body model")
+    return models
+
+
+def run_params(config: RunConfig) -> dict[str, Any]:
+    """What a run logs as its MLflow parameters: the configuration and the models it pins."""
+    return {**config.to_dict(), "models": run_models(config)}
+
+
+def load_run_body_model(models: dict[str, dict[str, str]], device: str | torch.device = "cpu",
+                        key: str = "body_model") -> BodyModel:
+    """The run's body model (`key`: or its male / female one), exactly the content `run_models` pinned."""
+    return load_body_model(models[key]["path"], device, sha256=models[key]["sha256"])
+
+
+def load_run_prior(models: dict[str, dict[str, str]], device: str | torch.device = "cpu") -> GMMPrior:
+    """The run's pose prior, exactly the content `run_models` pinned."""
+    return load_prior(models["prior"]["path"], device=device, sha256=models["prior"]["sha256"])
+
+
+def check_run_models(models: dict[str, dict[str, str]]) -> None:
+    """Load the run's body models and prior once, so that an invalid one is one line before any
+    worker starts (each worker loads its own)."""
+    for key in models:
+        if key.startswith("body_model"):
+            load_run_body_model(models, key=key)
+    load_run_prior(models)
 
 
 def load_config(path: str | Location | None) -> RunConfig:
@@ -155,6 +214,9 @@ def resolve_config(run: Location, config_path: str | None, overrides: dict[str, 
     if saved is not None and saved.data and config.data and not force and not same_place(saved.data, config.data):
         raise BadInput(f"the run {run} fits the data {saved.data}, not {config.data}: "
                        "pass --force to redo this step with the new data")
+    start = config.init_from.removeprefix("spin:")
+    if start and not storage.exists(start):
+        raise BadInput(f"init_from: {start} not found")
     return config
 
 

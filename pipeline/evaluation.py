@@ -11,36 +11,59 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fitting.body_model import load_body_model
 from fitting.camera import crop_camera
 from fitting.render import draw_keypoints, overlay_mesh
 from pipeline import rundir
-from pipeline.config import RunConfig
+from pipeline.config import GENDERS, RunConfig, load_run_body_model
 from pipeline.report import metrics_by_round, plot_metrics_by_round
 from trainer.data import storage
 from trainer.data.samples import decode_image, from_normalized
 from trainer.data.storage import Location
 from trainer.data.tables import SAMPLES_SCHEMA, read_split, read_table, shard_paths, to_numpy
-from trainer.evaluate import evaluate_fits, evaluate_regressor, write_overlays
+from trainer.evaluate import TruthModels, evaluate_fits, evaluate_regressor, require_protocols, write_overlays
 from trainer.train import load_regressor
 
 
-def evaluate_round(run: Location, round_index: int, config: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Metrics of round N; the pictures go to the local folder `out_dir`. The run and the data
-    may be URIs."""
+def check_evaluation(config: RunConfig, models: dict[str, dict[str, str]]) -> None:
+    """Before any work: a one-line error when the test split holds a dataset whose protocol the
+    run's body model cannot score (SPIN's H36M, MPI-INF-3DHP and 3DPW need J_regressor_h36m)."""
+    if not config.evaluate or not config.data or not storage.is_dir(storage.join(config.data, "test")):
+        return
+    parts = []
+    for path in shard_paths(config.data, "test"):
+        names = storage.parquet_metadata(path).schema.to_arrow_schema().names
+        parts.append(storage.read_parquet(path, columns=[c for c in ("dataset", "protocol") if c in names]))
+    if parts:
+        require_protocols(pa.concat_tables(parts, promote_options="default"), load_run_body_model(models))
+
+
+def truth_models(models: dict[str, dict[str, str]]) -> TruthModels:
+    """The run's male and female models (3DPW's truth meshes), when it configures both."""
+    if not all(f"body_model_{g}" in models for g in GENDERS):
+        return TruthModels()
+    return TruthModels(*(load_run_body_model(models, key=f"body_model_{g}") for g in GENDERS))
+
+
+def evaluate_round(run: Location, round_index: int, config: RunConfig, models: dict[str, dict[str, str]],
+                   out_dir: Path) -> dict[str, Any]:
+    """Metrics of round N, each under its dataset's protocol, with the run's pinned `models`; the
+    pictures go to the local folder `out_dir`. The run and the data may be URIs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    body = load_body_model(config.body_model or None)
+    body = load_run_body_model(models)
+    genders = truth_models(models)
     checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
     regressor = load_regressor(storage.local_copy(checkpoint))
-    metrics: dict[str, Any] = {"round": round_index}
+    loaded = {"body_model": body.identity, **{f"body_model_{g}": getattr(genders, g).identity
+                                               for g in GENDERS if getattr(genders, g) is not None}}
+    metrics: dict[str, Any] = {"round": round_index, "models": models, "loaded": loaded}
     test_dir = storage.join(config.data, "test")
     if storage.is_dir(test_dir):
-        metrics["regressor"] = evaluate_regressor(regressor, [test_dir], body)
+        metrics["regressor"] = evaluate_regressor(regressor, [test_dir], body, truth_models=genders)
         write_overlays(regressor, [test_dir], body, out_dir / "regressor_overlays.png")
     if rundir.is_done(run, round_index, "fits"):  # a 2D-only regressor has no fits
         fits = rundir.read_fits(run, round_index)
         if storage.is_dir(storage.join(config.data, "truth")):
-            metrics["fits"] = evaluate_fits(fits, read_split(config.data, "truth"), body)
+            metrics["fits"] = evaluate_fits(fits, read_split(config.data, "truth"), body, genders)
         else:
             valid = to_numpy(fits, "valid")
             metrics["fits"] = {"acceptance_rate": float(np.mean(valid)) if len(valid) else 0.0}

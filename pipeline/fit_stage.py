@@ -13,6 +13,7 @@ prediction. Samples with ground truth take it as their fit, as SPIN does.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -27,13 +28,17 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from fitting.body_model import load_body_model
 from fitting.errors import BadInput
-from fitting.priors import load_prior
 from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.best_fit import BatchFitter
-from pipeline.config import RunConfig, resolve_config, save_run_config
+from pipeline.config import (
+    RunConfig,
+    check_run_models,
+    resolve_config,
+    run_models,
+    save_run_config,
+)
 from pipeline.console import is_verbose, stderr_to
 from pipeline.lease import Lease
 from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
@@ -52,9 +57,8 @@ class FitterSpec:
     round_index: int
     run: str                      # a local path or a URI
     smplify: dict[str, Any]
+    models: dict[str, dict[str, str]]   # the run's body model and prior, pinned (config.run_models)
     checkpoint: str = ""          # regressor N-1; empty for round 0
-    body_model: str = ""          # empty: the built-in model
-    prior: str = ""               # empty: the built-in prior
     device: str = "cpu"
     threads: int = 1
     columns: tuple[str, ...] = tuple(FIT_COLUMNS)   # what to read from a shard
@@ -98,12 +102,12 @@ def plan_resources(config: RunConfig) -> dict[str, float]:
 
 
 def make_spec(run: Location, round_index: int, config: RunConfig, device: str, threads: int,
-              columns: list[str] | None = None) -> FitterSpec:
+              columns: list[str] | None = None, models: dict[str, dict[str, str]] | None = None) -> FitterSpec:
     checkpoint = ""
     if round_index > 0:
         checkpoint = str(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
-    return FitterSpec(round_index=round_index, run=str(run), smplify=config.smplify.to_dict(), checkpoint=checkpoint,
-                      body_model=config.body_model, prior=config.prior, device=device, threads=threads,
+    return FitterSpec(round_index=round_index, run=str(run), smplify=config.smplify.to_dict(),
+                      models=models or run_models(config), checkpoint=checkpoint, device=device, threads=threads,
                       columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 
 
@@ -160,13 +164,6 @@ def _read_pages(path: Location, columns: list[str]) -> pa.Table:
         raise BadInput(f"{path}: corrupt parquet file ({' '.join(str(exc).split())[:160]})") from exc
 
 
-def check_models(config: RunConfig) -> None:
-    """Load the run's body model and prior once here, so that a missing or invalid one is one line
-    before any actor starts (each actor loads its own)."""
-    load_body_model(config.body_model or None)
-    load_prior(config.prior or None)
-
-
 def fit_round(
     run: Location, round_index: int, config: RunConfig, ray_address: str | None = None,
     force: bool = False, progress: bool = True, tracker: Tracker | None = None,
@@ -182,22 +179,26 @@ def fit_round(
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
     shards = shard_paths(config.data, "train")
     expected = check_inputs(run, round_index, shards, fit_columns(round_index))
-    check_models(config)
+    models = run_models(config)
+    check_run_models(models)
     with Lease(out_dir, f"round {round_index} fits") as lease:
         if force:
             rundir.clear_step(run, round_index, "fits")
         elif rundir.is_done(run, round_index, "fits"):  # finished by another writer meanwhile
             return {**rundir.read_success(run, round_index, "fits"), "skipped": True}
-        with step_run(tracker, f"fit-round{round_index}", {"round": round_index, **config.fit.to_dict()}) as child:
+        params = {"round": round_index, **config.fit.to_dict(), "models": models}
+        with step_run(tracker, f"fit-round{round_index}", params) as child:
             done = rundir.complete_shards(out_dir, expected)  # what a killed attempt already wrote in full
             pending = [p for p in shards if storage.basename(p) not in done]
             start = time.perf_counter()
+            loaded: list[dict[str, Any]] = []
             if pending:
-                _fit_shards(run, round_index, config, pending, expected, out_dir, ray_address, progress, lease)
+                loaded = _fit_shards(run, round_index, config, models, pending, expected, out_dir, ray_address,
+                                     progress, lease)
             rundir.check_complete(out_dir, expected)
-            summary = summarize(out_dir, list(expected))
+            summary = summarize(out_dir, shards)
             summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
-                           shards_fitted_now=len(pending), shards=len(shards))
+                           shards_fitted_now=len(pending), shards=len(shards), models=models, loaded=loaded)
             if pending and not is_verbose():
                 summary["ray_log"] = str(rundir.ray_log(run))
             lease.check()
@@ -209,27 +210,31 @@ def fit_round(
     return summary
 
 
-def _fit_shards(run, round_index, config, pending, expected, out_dir, ray_address, progress, lease) -> None:
+def _fit_shards(run, round_index, config, models, pending, expected, out_dir, ray_address, progress,
+                lease) -> list[dict]:
+    """Fit the pending shards on Ray; returns the models the actors loaded (each actor reports its own)."""
     expected = {storage.basename(p): expected[storage.basename(p)] for p in pending}
     for name in [n for n, rows in expected.items() if rows == 0]:  # nothing to fit, and no row would commit it
         commit_shard(out_dir, name, FITS_SCHEMA.empty_table(), lease)
     pending = [p for p in pending if expected[storage.basename(p)] > 0]
     if not pending:
-        return
+        return []
     # Ray's own output goes to RUN/logs/ray.log unless --verbose; the console gets a bar by shard
     with (nullcontext(sys.stderr) if is_verbose() else stderr_to(rundir.ray_log(run))) as console:
         ensure_ray(ray_address, progress)
         with tqdm(total=sum(expected[storage.basename(p)] for p in pending), desc=f"fit round {round_index}",
                   unit="fit", file=console, disable=None if progress else True, leave=False) as bar:
-            _run_actor_pool(run, round_index, config, pending, expected, out_dir, bar, lease)
+            loaded = _run_actor_pool(run, round_index, config, models, pending, expected, out_dir, bar, lease)
     missing = sorted(set(expected) - rundir.complete_shards(out_dir, expected))
     if missing:
         raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
+    return [json.loads(text) for text in sorted(loaded)]
 
 
-def _run_actor_pool(run, round_index, config, pending, expected, out_dir, bar: tqdm, lease: Lease) -> None:
+def _run_actor_pool(run, round_index, config, models, pending, expected, out_dir, bar: tqdm,
+                    lease: Lease) -> set[str]:
     """Fit the pending shards on an actor pool and commit each shard as soon as all its rows are
-    back; the bar counts the fits."""
+    back; the bar counts the fits. Returns what the actors loaded (JSON texts)."""
     import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
 
     plan = plan_resources(config)
@@ -238,7 +243,8 @@ def _run_actor_pool(run, round_index, config, pending, expected, out_dir, bar: t
     # the driver and raylet (measured by bench/fit_stage.py: 2 threads on 2 cores ran slower than 1).
     threads = max(1, int(plan["cpus_per_actor"]))
     present = set(storage.parquet_metadata(pending[0]).schema.to_arrow_schema().names)
-    spec = make_spec(run, round_index, config, device, threads, [c for c in fit_columns(round_index) if c in present])
+    spec = make_spec(run, round_index, config, device, threads, [c for c in fit_columns(round_index) if c in present],
+                     models)
     ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=1,
@@ -247,13 +253,16 @@ def _run_actor_pool(run, round_index, config, pending, expected, out_dir, bar: t
     )  # Ray Data restarts a crashed actor and retries its shard; Python errors are handled inside
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
+    loaded: set[str] = set()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        loaded.update(block.column("models").unique().to_pylist())
         for name, part in split_by_shard(block):
             buffers[name].append(part)
             counts[name] += len(part)
             if counts[name] == expected[name]:
                 commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)), lease)
                 bar.update(counts[name])
+    return loaded
 
 
 def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -283,10 +292,33 @@ def commit_shard(out_dir: Location, name: str, rows: pa.Table, lease: Lease) -> 
     write_table(fits, storage.join(out_dir, name))
 
 
-def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
-    """Counts, acceptance and losses of a complete fits folder (see rundir.check_complete)."""
-    columns = ["loss", "valid", "betas_ok", "found_in_round", "init"]
-    tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in shard_names]
+def datasets_of(shards: list[Location]) -> dict[str, str]:
+    """sample_id -> dataset over samples shards (two columns of each)."""
+    out: dict[str, str] = {}
+    for path in shards:
+        table = storage.read_parquet(path, columns=["sample_id", "dataset"])
+        out.update(zip(table.column("sample_id").to_pylist(), table.column("dataset").to_pylist()))
+    return out
+
+
+def per_dataset(sample_ids: list[str], valid: np.ndarray, quarantined: list[str],
+                dataset_of: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Fits, acceptance and quarantined samples per dataset."""
+    names = np.asarray([dataset_of.get(s, "?") for s in sample_ids])
+    lost = [dataset_of.get(s, "?") for s in quarantined]
+    out = {}
+    for name in sorted(set(names.tolist()) | set(lost)):
+        mine = names == name
+        out[name] = {"rows": int(mine.sum()), "acceptance_rate": float(valid[mine].mean()) if mine.any() else 0.0,
+                     "quarantined": lost.count(name)}
+    return out
+
+
+def summarize(out_dir: Location, shards: list[Location]) -> dict[str, Any]:
+    """Counts, acceptance and losses of a complete fits folder (see rundir.check_complete), also per
+    dataset of the input shards."""
+    columns = ["sample_id", "loss", "valid", "betas_ok", "found_in_round", "init"]
+    tables = [storage.read_parquet(storage.join(out_dir, storage.basename(p)), columns=columns) for p in shards]
     table = pa.concat_tables(tables) if tables else None
     quarantine = rundir.read_quarantine(out_dir)
     summary: dict[str, Any] = {"rows": 0, "quarantined": len(quarantine)}
@@ -304,6 +336,8 @@ def summarize(out_dir: Location, shard_names: list[str]) -> dict[str, Any]:
         loss_mean=float(loss.mean()),
         found_in_round={str(int(r)): int((found == r).sum()) for r in np.unique(found)},
         init={str(k): int((init == k).sum()) for k in np.unique(init)},
+        per_dataset=per_dataset(table.column("sample_id").to_pylist(), np.asarray(valid, bool),
+                                quarantine.column("sample_id").to_pylist(), datasets_of(shards)),
         quarantine_reasons=dict(zip(*np.unique(quarantine.column("reason").to_pylist(), return_counts=True)))
         if len(quarantine) else {},
     )

@@ -13,14 +13,27 @@ import click
 from fitting.errors import BadInput
 from fitting.solvers import SOLVERS
 from pipeline import rundir
-from pipeline.config import RunConfig, data_dir, resolve_config, save_run_config
-from pipeline.evaluation import evaluate_round
+from pipeline.config import (
+    RunConfig,
+    check_run_models,
+    data_dir,
+    load_run_body_model,
+    load_run_prior,
+    resolve_config,
+    run_models,
+    run_params,
+    save_run_config,
+)
+from pipeline.evaluation import check_evaluation, evaluate_round
 from pipeline.fit_stage import fit_round
 from pipeline.lease import Lease
 from pipeline.report import format_metrics, headline, round_table, step_line
 from pipeline.tracking import Tracker, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
+from trainer.data.datasets import rows_per_dataset
+from trainer.data.tables import shard_paths
+from trainer.dataset import mixing_probabilities
 from trainer.train import train_regressor
 from trainer.train_config import TRAIN_PRESETS
 
@@ -32,25 +45,25 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
         return {**rundir.read_success(run, round_index, "model"), "skipped": True}
     fits = rundir.read_fits(run, round_index)
     train_config = config.training
-    init = None
-    if round_index > 0:
-        if not rundir.is_done(run, round_index - 1, "model"):
-            raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
-        init = storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt"))
+    models = run_models(config)
+    init = start_of(run, round_index, config)
     out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
     with Lease(rundir.step_dir(run, round_index, "model"), f"round {round_index} model") as lease:
         rundir.clear_success(run, round_index, "model")
-        params = {"round": round_index, **train_config.to_dict()}
+        params = {"round": round_index, **train_config.to_dict(), "models": models}
         with step_run(tracker, f"train-round{round_index}", params) as child:
             log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if child else None
             summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
-                                      init_checkpoint=init, log_metrics=log)
-            summary = {**summary, "round": round_index}
+                                      load_run_body_model(models), init_from=init, prior=load_run_prior(models),
+                                      log_metrics=log, mix=config.mix)
+            summary = {**summary, "round": round_index, "models": models}
             rundir.publish(out_dir, run, round_index, "model", summary_files(out_dir))  # before _SUCCESS.json
             lease.check()
             save_run_config(run, config)
             rundir.mark_done(run, round_index, "model", summary)
             if child:
+                # which weights the backbone started from (ImageNet or SPIN file, and its hash), and the mixing
+                tracker.log_params(child, {"backbone_weights": summary["backbone_weights"], "mix": config.mix})
                 tracker.log_dict(child, summary, "summary.json")
     return summary
 
@@ -60,15 +73,34 @@ def summary_files(out_dir: Path) -> list[str]:
     return [name for name in ("checkpoint.pt", "quarantine.parquet") if (out_dir / name).exists()]
 
 
+def start_of(run: Location, round_index: int, config: RunConfig) -> str | None:
+    """Where regressor N starts: regressor N-1 (N >= 1), else the run's `init_from` (SPIN's
+    checkpoint as 'spin:FILE', or a checkpoint of this project), else the backbone's weights."""
+    if round_index == 0:
+        return config.init_from or None
+    if not rundir.is_done(run, round_index - 1, "model"):
+        raise BadInput(f"round {round_index} warm-starts from regressor {round_index - 1}, which is not trained")
+    return str(storage.local_copy(storage.join(rundir.step_dir(run, round_index - 1, "model"), "checkpoint.pt")))
+
+
+def check_mix(config: RunConfig) -> dict[str, float]:
+    """The mixing probabilities of the run's training data (one column per shard read), so that a
+    `mix` that does not fit the data stops a run before any work."""
+    counts = rows_per_dataset(shard_paths(config.data, "train"))
+    return mixing_probabilities(counts, config.mix)
+
+
 def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                force: bool = False) -> dict[str, Any]:
     """Regressor N and fits N against ground truth; writes metrics and overlay pictures."""
     if rundir.is_done(run, round_index, "eval") and not force:
         return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
     out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
+    models = run_models(config)
+    check_evaluation(config, models)
     with Lease(rundir.step_dir(run, round_index, "eval"), f"round {round_index} eval") as lease:
-        with step_run(tracker, f"eval-round{round_index}", {"round": round_index}) as child:
-            metrics = evaluate_round(run, round_index, config, out_dir)
+        with step_run(tracker, f"eval-round{round_index}", {"round": round_index, "models": models}) as child:
+            metrics = evaluate_round(run, round_index, config, models, out_dir)
             rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
             lease.check()
             save_run_config(run, config)
@@ -85,10 +117,15 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
     """Fit and train (and evaluate) round after round, skipping finished steps; one line per step.
-    The MLflow parent run is RUNNING while this runs and FINISHED (or FAILED) when it returns (or
-    raises)."""
+    Everything that can be checked is checked before round 0. The MLflow parent run is RUNNING while
+    this runs and FINISHED (or FAILED) when it returns (or raises)."""
+    if config.mix:
+        check_mix(config)
+    models = run_models(config)
+    check_run_models(models)
+    check_evaluation(config, models)  # a test split the body model cannot score fails here, not after round 0
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
-                                 params=config.to_dict())
+                                 params=run_params(config))
     results = []
     with tracker.active():
         for r in range(rounds):
@@ -127,18 +164,20 @@ def common_options(func):
 @click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
 @click.option("--steps", type=int, help="Training steps (overrides the preset).")
 @click.option("--device", help="cpu, cuda or auto.")
+@click.option("--init-from", help="Where regressor 0 starts: spin:FILE (SPIN's model_checkpoint.pt) or a checkpoint.")
 @click.option("--force", is_flag=True, help="Retrain even if regressor N exists.")
-def train(round_index, data, run_dir, config_path, preset, steps, device, force):
-    """Train regressor N on RUN/round=N/fits, warm-starting from regressor N-1.
+def train(round_index, data, run_dir, config_path, preset, steps, device, init_from, force):
+    """Train regressor N on RUN/round=N/fits, warm-starting from regressor N-1 (regressor 0 from
+    --init-from, e.g. spin:data/model_checkpoint.pt, else from the backbone's ImageNet weights).
 
     Writes RUN/round=N/model/checkpoint.pt and _SUCCESS.json; resumes from its last checkpoint.
     """
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
-                                               "train.device": device}, force=force)
+                                               "train.device": device, "init_from": init_from}, force=force)
     if not rundir.is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
-    tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=config.to_dict())
+    tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=run_params(config))
     summary = train_round(run, round_index, config, tracker, force=force)
     checkpoint = storage.join(rundir.step_dir(run, round_index, "model"), "checkpoint.pt")
     click.echo(f"{step_line('train', round_index, summary)}: {checkpoint}")
@@ -150,13 +189,14 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, force)
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
 @click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), help="Trainer preset.")
 @click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver.")
+@click.option("--init-from", help="Where regressor 0 starts: spin:FILE (SPIN's model_checkpoint.pt) or a checkpoint.")
 @click.option("--force", is_flag=True, help="Redo every step, even finished ones.")
-def run(rounds, data, run_dir, config_path, ray_address, preset, solver, force):
+def run(rounds, data, run_dir, config_path, ray_address, preset, solver, init_from, force):
     """The alternating driver: fit 0, train 0, eval 0, fit 1, ... Resumes at the first step without
     _SUCCESS.json; logs a parent MLflow run with a child per step."""
     path = storage.location(run_dir)
     config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
-                                                "fit.solver": solver}, force=force)
+                                                "fit.solver": solver, "init_from": init_from}, force=force)
     results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
     click.echo(round_table(results))
 

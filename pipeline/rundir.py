@@ -2,6 +2,7 @@
 
     RUN/config.yaml                      the resolved configuration
     RUN/round=N/fits/part-XXXXX.parquet  best fits after round N, one file per input shard
+                                         (named as the shard: <dataset>-part-XXXXX.parquet)
     RUN/round=N/fits/quarantine/...      samples that could not be fitted, with reasons
     RUN/round=N/fits/_SUCCESS.json       written last, once every input shard has all its rows
     RUN/round=N/model/checkpoint.pt      regressor N
@@ -28,7 +29,7 @@ import pyarrow as pa
 from fitting.errors import BadInput
 from trainer.data import storage
 from trainer.data.storage import Location
-from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, read_table
+from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, is_shard, read_table
 
 STEPS = ("fits", "model", "eval")
 SUCCESS = "_SUCCESS.json"
@@ -132,7 +133,7 @@ def code_version() -> str:
 
 def committed_shards(out_dir: Location) -> list[str]:
     """Names of the shards whose fits file exists."""
-    return [storage.basename(p) for p in storage.list_dir(out_dir) if storage.basename(p).endswith(".parquet")]
+    return [storage.basename(p) for p in storage.list_dir(out_dir) if is_shard(storage.basename(p))]
 
 
 def shard_rows(out_dir: Location) -> dict[str, int]:
@@ -168,12 +169,8 @@ def read_fits(run: Location, round_index: int) -> pa.Table:
     if not is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}")
     out_dir = step_dir(run, round_index, "fits")
-    paths = [p for p in storage.list_dir(out_dir) if _is_part(storage.basename(p))]
+    paths = [p for p in storage.list_dir(out_dir) if is_shard(storage.basename(p))]
     return concat([read_table(p, FITS_SCHEMA) for p in paths], FITS_SCHEMA)
-
-
-def _is_part(name: str) -> bool:
-    return name.startswith("part-") and name.endswith(".parquet")
 
 
 def read_quarantine(out_dir: Location) -> pa.Table:

@@ -56,7 +56,8 @@ def artifact_location(tracking_uri: str) -> str | None:
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            k = re.sub(r"[^\w./\- ]", "_", str(k))  # MLflow's key alphabet ('lsp-orig,mpii' in a mix)
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
     else:
         out[prefix] = str(value)[:500]
 

@@ -71,7 +71,7 @@ def test_ingest_reads_images_only_under_the_images_folder(tmp_path, capsys):
     code, out, err = run_cli(["data", "ingest", tmp_path / "d.npz", "--images", images, "--out", tmp_path / "out",
                               "--img-size", "64", "--min-visible", "4"], capsys)
     assert code == 0, err
-    quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet")
+    quarantine = pq.read_table(tmp_path / "out" / "_quarantine" / "train" / "d.parquet")
     reasons = dict(zip(quarantine.column("source").to_pylist(), quarantine.column("reason").to_pylist()))
     assert set(reasons) == set(names[1:]), reasons
     assert all("outside" in reason for reason in reasons.values()), reasons

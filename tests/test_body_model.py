@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import pickle
 import sys
-import types
 
 import numpy as np
 import pytest
-import scipy.sparse
 import torch
 
 from fitting.body_model import (
@@ -19,6 +17,7 @@ from fitting.body_model import (
 )
 from fitting.keypoints import KEYPOINT_NAMES, SMPL_JOINT_NAMES, SMPL_PARENTS, VERTEX_JOINT_NAMES
 from pipeline.cli import main
+from tests.spin_formats import write_official_pickle
 from tests.toy_body import make_toy_smpl
 
 J = SMPL_JOINT_NAMES.index
@@ -154,47 +153,12 @@ def test_builtin_posing_does_not_tear(builtin):
 
 # ---------------------------------------------------------------------- official .pkl layout
 
-def _official_pickle(path, arrays, protocol=4):
-    """Write `arrays` the way an official SMPL .pkl holds them: chumpy objects for the dense
-    arrays, a scipy sparse J_regressor. chumpy itself is not needed: a stand-in class whose
-    module is `chumpy.ch` is registered only while dumping."""
-    module = types.ModuleType("chumpy.ch")
-
-    class Ch:
-        def __init__(self, x):
-            self.x = x
-
-    Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
-    module.Ch = Ch
-    saved = {k: sys.modules.get(k) for k in ("chumpy", "chumpy.ch")}
-    sys.modules["chumpy"], sys.modules["chumpy.ch"] = types.ModuleType("chumpy"), module
-    try:
-        raw = {
-            "v_template": Ch(arrays["v_template"].astype(np.float64)),
-            "shapedirs": Ch(np.concatenate([arrays["shapedirs"]] * 30, axis=2).astype(np.float64)),  # 300 betas
-            "posedirs": arrays["posedirs"].astype(np.float64),
-            "J_regressor": scipy.sparse.csc_matrix(arrays["J_regressor"].astype(np.float64)),
-            "weights": Ch(arrays["weights"].astype(np.float64)),
-            "kintree_table": arrays["kintree_table"],
-            "f": arrays["f"].astype(np.uint32),
-            "bs_style": "lbs", "bs_type": "lrotmin",
-        }
-        with open(path, "wb") as fh:
-            pickle.dump(raw, fh, protocol=protocol)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                sys.modules.pop(key, None)
-            else:
-                sys.modules[key] = value
-
-
 @pytest.mark.parametrize("protocol", [2, 4])  # 2: as official files re-saved by Python 3
 @pytest.mark.fault("an SMPL `.pkl` without `--allow-pickle`", "refused, nothing written")
 def test_official_pickle_converts_only_with_opt_in(tmp_path, capsys, protocol):
     arrays = make_toy_smpl(num_vertices=6890, seed=2)
     pkl = tmp_path / "SMPL_NEUTRAL.pkl"
-    _official_pickle(pkl, arrays, protocol)
+    write_official_pickle(pkl, arrays, protocol, num_betas=300)
     out = tmp_path / "smpl.npz"
 
     code, _, err = run_cli(["body-model", "convert", str(pkl), str(out)], capsys)

@@ -191,7 +191,7 @@ def _spin_dataset(root: Path):
         "imgname": np.array(names), "center": np.tile([100.0, 80.0], (n, 1)), "scale": np.full(n, 0.8),
         "part": part, "openpose": openpose, "S": RNG.normal(size=(n, 24, 4)),
         "pose": RNG.normal(size=(n, 72)) * 0.1, "shape": RNG.normal(size=(n, 10)),
-        "has_smpl": np.array([1, 0, 1, 1, 1, 1]), "maskname": np.array(["images/mask0.png"] + [""] * (n - 1)),
+        "has_smpl": np.array([1, 0, 1, 1, 1, 0]), "maskname": np.array(["images/mask0.png"] + [""] * (n - 1)),
     }
     np.savez(root / "toy_spin.npz", **arrays)
     return root / "toy_spin.npz", arrays
@@ -208,8 +208,10 @@ def test_ingest_spin_npz(tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["rows"] == 6 and summary["written"] == 2 and summary["quarantined"] == 4
-    table = read_table(shard_paths(out)[0], SAMPLES_SCHEMA)
+    table = read_table(shard_paths(out, "train")[0], SAMPLES_SCHEMA)
     assert table.column("sample_id").to_pylist() == ["toy_spin-000000", "toy_spin-000001"]
+    assert table.column("imgname").to_pylist() == ["images/im0.png", "images/im1.png"]
+    assert table.column("source_row").to_pylist() == [0, 1] and table.column("protocol").to_pylist() == ["lsp14"] * 2
     assert table.column("has_smpl").to_pylist() == [True, False]
     assert np.isnan(to_numpy(table, "pose")[1]).all() and np.isfinite(to_numpy(table, "pose")[0]).all()
     np.testing.assert_allclose(to_numpy(table, "joints3d"), arrays["S"][:2], rtol=1e-6)
@@ -222,7 +224,7 @@ def test_ingest_spin_npz(tmp_path, capsys):
     assert kp[0, 0, 2] == pytest.approx(0.7) and kp[0, 20, 2] == 0.0
     mask = cv2.imdecode(np.frombuffer(table.column("mask")[0].as_py(), np.uint8), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (64, 64) and set(np.unique(mask)) == {0, 255}
-    quarantine = read_table(out / "quarantine.parquet", QUARANTINE_SCHEMA)
+    quarantine = read_table(out / "_quarantine" / "train" / "toy_spin.parquet", QUARANTINE_SCHEMA)
     reasons = dict(zip(quarantine.column("sample_id").to_pylist(), quarantine.column("reason").to_pylist()))
     assert reasons["toy_spin-000002"].startswith("image not found")
     assert "undecodable" in reasons["toy_spin-000003"]

@@ -36,7 +36,7 @@ def _truth(body, n=3, seed=0):
     keypoints = torch.cat([project_keypoints(out.keypoints, cam), torch.ones(n, 49, 1)], dim=-1)
     joints3d = torch.cat([out.keypoints[:, list(GT24)] + 0.3, torch.ones(n, 24, 1)], dim=-1)  # any offset
     batch = {"keypoints": keypoints, "pose": pose, "betas": betas, "joints3d": joints3d,
-             "pose_valid": torch.ones(n, dtype=torch.bool), "betas_valid": torch.ones(n, dtype=torch.bool),
+             "fit_valid": torch.ones(n, dtype=torch.bool), "betas_ok": torch.ones(n, dtype=torch.bool),
              "has_joints3d": torch.ones(n, dtype=torch.bool), "usable": torch.ones(n, dtype=torch.bool)}
     rotmat = pose_to_rotmat(pose)
     pred = RegressorOutput(rotmat=rotmat, betas=betas.clone(), cam=cam, sixd=rotmat_to_sixd(rotmat).reshape(n, -1))
@@ -73,8 +73,7 @@ def test_masks_switch_targets_off(body):
     pred, batch = _truth(body)
     batch["pose"] = batch["pose"] + 0.5  # wrong targets ...
     batch["betas"] = batch["betas"] + 1.0
-    batch["pose_valid"][:] = False      # ... that no sample uses
-    batch["betas_valid"][:] = False
+    batch["fit_valid"][:] = False       # ... that no sample uses
     batch["has_joints3d"][:] = False
     batch["joints3d"][:] = 99.0
     result = compute_losses(pred, batch, body, LossWeights())
@@ -134,17 +133,46 @@ def test_two_d_mode_priors_follow_the_keypoint_weight(body):
     torch.testing.assert_close(spin.total, 60.0 * (data + priors))
 
 
-def test_shape_guard_and_fit_targets(body):
-    samples, fits = make_samples(body, 4, size=32)
-    betas = to_numpy(fits, "betas").copy()
-    betas[1] = 4.0
+@pytest.mark.parametrize("valid, extreme", [(True, False), (True, True), (False, False), (False, True)])
+def test_shape_guard_as_spins_trainer(body, valid, extreme):
+    """SPIN's train/trainer.py: extreme betas (any |beta| > 3) make the betas target the mean
+    shape while a valid fit's pose and vertices (from its own, extreme betas) still supervise; an
+    invalid fit supervises nothing of pose or shape; the keypoint loss applies in every case."""
+    samples, fits = make_samples(body, 2, size=32)
+    fit_pose, fit_betas = to_numpy(fits, "pose").copy(), to_numpy(fits, "betas").copy()
+    if extreme:
+        fit_betas[0, 3] = 3.5
     cols = {name: (to_numpy(fits, name) if name in ("pose", "cam_t", "joint_loss") else fits.column(name).to_pylist())
             for name in FITS_SCHEMA.names}
-    cols.update(betas=betas, betas_ok=[True, False, True, True], valid=[True, True, False, True])
+    cols.update(betas=fit_betas, betas_ok=[not extreme, True], valid=[valid, True])
+    dataset = SamplesDataset(samples, make_table(cols, FITS_SCHEMA), img_res=32)
+    batch = {k: torch.stack([dataset[i][k] for i in range(2)]) for k in dataset[0]}
+    assert bool(batch["fit_valid"][0]) == valid and bool(batch["betas_ok"][0]) == (not extreme)
+    assert torch.allclose(batch["betas"][0], torch.as_tensor(fit_betas[0]))  # the stored fit keeps its betas
+
+    rng = np.random.default_rng(1)
+    pose = torch.as_tensor(fit_pose + rng.normal(scale=0.1, size=fit_pose.shape), dtype=torch.float32)
+    rotmat = pose_to_rotmat(pose)
+    pred = RegressorOutput(rotmat=rotmat, betas=torch.as_tensor(rng.normal(size=(2, 10)), dtype=torch.float32),
+                           cam=torch.tensor([[0.9, 0.0, 0.0]]).repeat(2, 1), sixd=rotmat_to_sixd(rotmat).reshape(2, -1))
+    result = compute_losses(pred, batch, body, LossWeights(vertices=1.0))
+    for term in ("pose", "betas", "vertices"):
+        assert bool(result.masks[term][0]) == valid, term
+    assert bool(result.masks["keypoints"][0]) and float(result.terms["keypoints"][0]) > 0
+    target = torch.zeros(10) if extreme else torch.as_tensor(fit_betas[0])
+    assert float(result.terms["betas"][0]) == pytest.approx(float((pred.betas[0] - target).square().mean()), rel=1e-5)
+    with torch.no_grad():
+        own = body(torch.as_tensor(fit_pose[:1]), torch.as_tensor(fit_betas[:1])).vertices
+        expected = (body(pred.rotmat[:1], pred.betas[:1]).vertices - own).abs().mean()
+    assert float(result.terms["vertices"][0]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_fit_targets(body):
+    samples, fits = make_samples(body, 4, size=32)
+    cols = {name: (to_numpy(fits, name) if name in ("pose", "betas", "cam_t", "joint_loss") else fits.column(name).to_pylist())
+            for name in FITS_SCHEMA.names}
     cols["sample_id"] = cols["sample_id"][:3] + ["unknown"]
     dataset = SamplesDataset(samples, make_table(cols, FITS_SCHEMA), img_res=32)
     items = [dataset[i] for i in range(4)]
-    assert [bool(i["pose_valid"]) for i in items] == [True, False, False, False]
-    assert [bool(i["betas_valid"]) for i in items] == [True, True, False, False]
-    assert torch.all(items[1]["betas"] == 0) and torch.allclose(items[0]["betas"], torch.as_tensor(betas[0]))
+    assert [bool(i["fit_valid"]) for i in items] == [True, True, True, False]  # no fit: nothing to supervise
     assert items[0]["image"].dtype == torch.uint8 and items[0]["image"].shape == (3, 32, 32)

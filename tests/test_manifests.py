@@ -322,8 +322,9 @@ def test_build_context_holds_the_package_and_nothing_else():
 
 
 def test_docs_commands_render(tmp_path):
-    """Every `manifests render` command in the README renders."""
-    text = re.sub(r"\\\n\s*", " ", (ROOT / "README.md").read_text())
+    """Every `manifests render` command in the README and in docs/ renders."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = re.sub(r"\\\n\s*", " ", "\n".join(page.read_text() for page in pages))
     commands = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("spin-pipeline manifests render")]
     assert commands
     for command in commands:

@@ -13,12 +13,13 @@ import torch
 from fitting.keypoints import GT24
 from fitting.render import part_labels, render
 from tests.test_train import make_body, make_samples
+from trainer.data.protocols import lsp14_joints
+from trainer.data.samples import encode_mask
+from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, to_numpy, write_shards
 from trainer.evaluate import evaluate_fits, evaluate_regressor, format_table, write_overlays
 from trainer.metrics import (
     AUC_THRESHOLDS_MM, auc, confusion_matrix, joint_errors, mpjpe, pa_mpjpe, pck, pose_metrics, segmentation_scores,
 )
-from trainer.data.samples import encode_mask
-from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, to_numpy, write_shards
 from trainer.model import Regressor
 
 torch.set_num_threads(1)
@@ -32,7 +33,8 @@ def test_perfect_prediction_scores_perfectly():
     gt = _joints()
     metrics = pose_metrics(gt.clone(), gt)
     assert float(metrics["mpjpe"].abs().max()) == 0.0 and float(metrics["pa_mpjpe"].abs().max()) < 1e-6
-    assert torch.all(metrics["pck"] == 100) and torch.all(metrics["auc"] == 100)
+    # no error is strictly below the 0 mm threshold, so AUC tops out at 30 of its 31 thresholds
+    assert torch.all(metrics["pck"] == 100) and torch.allclose(metrics["auc"], torch.tensor(100 * 30 / 31, dtype=torch.float64))
 
 
 def test_pa_mpjpe_is_invariant_to_a_similarity_transform():
@@ -45,21 +47,42 @@ def test_pa_mpjpe_is_invariant_to_a_similarity_transform():
     assert torch.all(mpjpe(moved, gt) > 10 * pa_mpjpe(moved, gt))
 
 
-def test_mpjpe_centres_on_the_pelvis_and_is_in_millimetres():
+def _lsp14(joints14: torch.Tensor) -> torch.Tensor:
+    """The built-in protocol's centring of (B, 14, 3) LSP joints (rows 0-13 of the 24)."""
+    return lsp14_joints(torch.cat([joints14, torch.zeros(len(joints14), 10, 3, dtype=joints14.dtype)], dim=1))
+
+
+def test_the_builtin_protocol_centres_on_the_mid_hip_and_errors_are_in_millimetres():
     gt = _joints(3, n=1)
     pred = gt + torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)  # a global shift: no error
-    assert float(mpjpe(pred, gt)) == pytest.approx(0.0, abs=1e-9)
+    assert float(mpjpe(_lsp14(pred), _lsp14(gt))) == pytest.approx(0.0, abs=1e-9)
     pred[0, 0, 1] += 0.014  # one joint (not a hip) 14 mm off
-    assert float(mpjpe(pred, gt)) == pytest.approx(1.0, rel=1e-6)
+    assert float(mpjpe(_lsp14(pred), _lsp14(gt))) == pytest.approx(1.0, rel=1e-6)
     pred[0, 2, 2] += 0.028  # moving a hip moves the pelvis: every other joint shifts by 14 mm
-    errors = joint_errors(pred, gt)[0]
+    errors = joint_errors(_lsp14(pred), _lsp14(gt))[0]
     assert float(errors[5]) == pytest.approx(14.0, rel=1e-6)
 
 
+def test_only_joints_that_count_are_scored_by_hand():
+    """Three joints, the third not counted (a confidence-0 row of S): it may be anywhere."""
+    gt = torch.tensor([[[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    pred = torch.tensor([[[0.0, 0.03, 0.0], [0.1, 0.0, 0.04], [9.0, 9.0, 9.0]]], dtype=torch.float64)
+    counts = torch.tensor([[True, True, False]])
+    assert float(mpjpe(pred, gt, counts)) == pytest.approx((30.0 + 40.0) / 2)
+    assert math.isnan(float(joint_errors(pred, gt, counts)[0, 2]))
+    metrics = pose_metrics(pred, gt, counts)
+    assert float(metrics["pck"]) == 100.0                                  # 30 and 40 mm < 150 mm
+    assert float(metrics["auc"]) == pytest.approx(100 * (np.mean([30 < t for t in AUC_THRESHOLDS_MM])
+                                                         + np.mean([40 < t for t in AUC_THRESHOLDS_MM])) / 2)
+    # two points: a similarity transform matches them exactly, whatever the third does
+    assert float(pa_mpjpe(pred, gt, counts)) == pytest.approx(0.0, abs=1e-9)
+    assert float(pa_mpjpe(pred, gt)) > 10  # counted, the far joint pulls the alignment off
+
+
 def test_pck_and_auc():
-    errors = torch.tensor([[0.0, 100.0, 200.0]])
-    assert float(pck(errors)) == pytest.approx(200 / 3)
-    expected = np.mean([100 * np.mean(np.array([0.0, 100.0, 200.0]) <= t) for t in AUC_THRESHOLDS_MM])
+    errors = torch.tensor([[0.0, 100.0, 150.0]])
+    assert float(pck(errors)) == pytest.approx(200 / 3)  # 150 mm is not below 150 mm
+    expected = np.mean([100 * np.mean(np.array([0.0, 100.0, 150.0]) < t) for t in AUC_THRESHOLDS_MM])
     assert float(auc(errors)) == pytest.approx(expected)
     assert len(AUC_THRESHOLDS_MM) == 31 and AUC_THRESHOLDS_MM[-1] == 150.0
 
@@ -83,6 +106,8 @@ def test_segmentation_scores_on_hand_made_masks():
     assert scores["accuracy"] == pytest.approx(6 / 8)
     f1 = [2 * 3 / (6 + 1), 2 * 1 / (2 + 2), 2 * 2 / (4 + 1)]  # background, part 1, part 2; absent parts skipped
     assert scores["f1"] == pytest.approx(np.mean(f1))
+    # SPIN (after UP-3D) reads an unlabelled pixel as background for the accuracy: predicted 6 there
+    assert segmentation_scores(confusion, ignored=1, ignored_background=0)["accuracy"] == pytest.approx(6 / 9)
     with pytest.raises(ValueError):
         confusion_matrix(np.full((2, 2), 9), np.zeros((2, 2)), 7)
 

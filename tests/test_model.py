@@ -1,6 +1,8 @@
 """The regressor, its mean parameters and its backbones."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -101,11 +103,17 @@ def test_backbone_weights_from_a_path_and_from_the_hub_cache(tmp_path):
     previous = torch.hub.get_dir()
     try:
         torch.hub.set_dir(str(tmp_path / "hub"))
-        assert Regressor("resnet18", backbone_weights="auto").backbone_weights == "random"
+        # never a silent start from random weights: the error says where the file goes
+        with pytest.raises(BadInput, match=r"resnet18-f37072fd.pth.*never downloads.*Dockerfile"):
+            Regressor("resnet18", backbone_weights="auto")
+        assert Regressor("small", backbone_weights="auto").backbone_weights["kind"] == "random"  # none exist
         (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
         torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
         cached = Regressor("resnet18", backbone_weights="auto")
         assert torch.equal(cached.backbone.conv1.weight, source.conv1.weight)
+        record = cached.backbone_weights
+        assert record["kind"] == "imagenet" and record["path"].endswith("resnet18-f37072fd.pth")
+        assert record["sha256"] == hashlib.sha256((tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").read_bytes()).hexdigest()
     finally:
         torch.hub.set_dir(previous)
 

@@ -220,6 +220,10 @@ def test_adam_keeps_the_best_iterate_per_sample():
     assert (result.energy[:2] < energies[-1][:2]).any()
     assert result.params["x"][2].item() == 0.0          # inactive: untouched
     assert result.iterations.tolist() == [7, 7, 0]
+    # SPIN's own: the last iterate, whatever its energy
+    last = adam(problem, StageConfig("body", iterations=7, lr=3.0, options={"last_iterate": 1}))
+    torch.testing.assert_close(last.params["x"][:2], trajectory[-1][:2])
+    torch.testing.assert_close(last.energy[:2], energies[-1][:2])
 
 
 def test_a_registered_solver_is_used_by_name(model, prior):

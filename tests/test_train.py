@@ -162,11 +162,11 @@ def test_warm_start_and_predict(body, data, tmp_path):
     train_regressor(_config(steps=2), [root], fits, tmp_path / "r0", body_model=body)
     first = load_regressor(tmp_path / "r0" / "checkpoint.pt")
     summary = train_regressor(_config(steps=2, seed=1), [root], fits, tmp_path / "r1", body_model=body,
-                              init_checkpoint=tmp_path / "r0" / "checkpoint.pt")
-    assert summary["warm_start"].endswith("checkpoint.pt")
+                              init_from=tmp_path / "r0" / "checkpoint.pt")
+    assert summary["init_from"].endswith("checkpoint.pt")
     with pytest.raises(BadInput, match="cannot warm-start"):
         train_regressor(_config(steps=2, backbone="resnet18"), [root], fits, tmp_path / "r2", body_model=body,
-                        init_checkpoint=tmp_path / "r0" / "checkpoint.pt")
+                        init_from=tmp_path / "r0" / "checkpoint.pt")
 
     samples, _ = make_samples(body, 3, seed=5)
     images = samples.column("image").to_pylist()
@@ -217,7 +217,7 @@ def test_gradient_norm_is_logged_and_clipped(body, data, tmp_path):
                     log_metrics=lambda m, step: logged.update(m))
     assert logged["train/grad_norm"] > 0
     config = _config(grad_clip=1e-3)
-    regressor = _build_regressor(config, None)
+    regressor, _ = _build_regressor(config, None)
     batch = next(iter(make_loader(SamplesDataset(read_samples([root]), fits, config.img_res), batch_size=4)))
     values = _train_step(regressor, torch.optim.Adam(regressor.parameters(), lr=1e-4), batch, body, config, None, 0)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in regressor.parameters() if p.grad is not None]))

@@ -2,10 +2,10 @@
 does, served by a torch DataLoader.
 
 Targets per sample:
-    pose/betas  the ground truth where the sample has SMPL (`has_smpl`), else its fit
-    pose_valid  supervise pose and mesh: ground truth, or a valid fit whose betas are sane
-    betas_valid supervise betas: as above, plus every fit with extreme betas (`betas_ok` false),
-                whose betas target is then the mean shape (zero) - the design's shape guard
+    pose/betas  the ground truth where the sample has SMPL (`has_smpl`), else its fit, as stored
+    fit_valid   whether they supervise at all: ground truth, or a valid fit (SPIN's `valid_fit`)
+    betas_ok    the fit's betas are all within the guard (ground truth always is); the loss applies
+                SPIN's shape guard (`trainer.losses`)
 Images travel as uint8 (3, H, W); `trainer.model.normalize_images` runs on the device.
 
 Augmentation is a pure function of (seed, key): the sampler hands out keys = epoch * N + row,
@@ -14,7 +14,7 @@ so a run is reproducible whatever the number of workers and resumes exactly mid-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -61,8 +61,8 @@ def _fit_targets(samples: pa.Table, fits: pa.Table | None) -> dict[str, np.ndarr
     n = len(samples)
     pose = np.zeros((n, 72), np.float32)
     betas = np.zeros((n, 10), np.float32)
-    pose_valid = np.zeros(n, bool)
-    betas_valid = np.zeros(n, bool)
+    fit_valid = np.zeros(n, bool)
+    betas_ok = np.ones(n, bool)
     has_fit = np.zeros(n, bool)
     if fits is not None and len(fits):
         fit_ids = fits.column("sample_id").to_pylist()
@@ -73,24 +73,24 @@ def _fit_targets(samples: pa.Table, fits: pa.Table | None) -> dict[str, np.ndarr
         hit = rows >= 0
         f_pose, f_betas = to_numpy(fits, "pose"), to_numpy(fits, "betas")
         valid = to_numpy(fits, "valid").astype(bool)
-        betas_ok = to_numpy(fits, "betas_ok").astype(bool)
+        fit_betas_ok = to_numpy(fits, "betas_ok").astype(bool)
         sel = rows[hit]
         ok = _finite_rows(f_pose[sel]) & _finite_rows(f_betas[sel])
         idx = np.flatnonzero(hit)[ok]
         sel = sel[ok]
         has_fit[idx] = True
         pose[idx] = f_pose[sel]
-        betas[idx] = np.where(betas_ok[sel, None], f_betas[sel], 0.0)
-        pose_valid[idx] = valid[sel] & betas_ok[sel]
-        betas_valid[idx] = valid[sel] | ~betas_ok[sel]
+        betas[idx] = f_betas[sel]
+        fit_valid[idx] = valid[sel]
+        betas_ok[idx] = fit_betas_ok[sel]
     has_smpl = samples.column("has_smpl").to_numpy(zero_copy_only=False)
     has_smpl = np.asarray([bool(v) if v is not None else False for v in has_smpl], bool)
     if has_smpl.any():
         gt_pose, gt_betas = to_numpy(samples, "pose"), to_numpy(samples, "betas")
         gt = has_smpl & _finite_rows(gt_pose) & _finite_rows(gt_betas)
         pose[gt], betas[gt] = gt_pose[gt], gt_betas[gt]
-        pose_valid[gt] = betas_valid[gt] = has_fit[gt] = True
-    return {"pose": pose, "betas": betas, "pose_valid": pose_valid, "betas_valid": betas_valid, "has_fit": has_fit}
+        fit_valid[gt] = betas_ok[gt] = has_fit[gt] = True
+    return {"pose": pose, "betas": betas, "fit_valid": fit_valid, "betas_ok": betas_ok, "has_fit": has_fit}
 
 
 class SamplesDataset(Dataset):
@@ -114,6 +114,7 @@ class SamplesDataset(Dataset):
         if len(samples) == 0:
             raise BadInput("no usable samples")
         self.sample_ids = samples.column("sample_id").to_pylist()
+        self.datasets = np.asarray(samples.column("dataset").to_pylist())
         self.images = samples.column("image").combine_chunks()
         self.uris = samples.column("image_uri").to_pylist()
         self.keypoints = to_numpy(samples, "keypoints")
@@ -166,8 +167,8 @@ class SamplesDataset(Dataset):
             "keypoints": torch.from_numpy(keypoints.astype(np.float32)),
             "pose": torch.from_numpy(pose.astype(np.float32)),
             "betas": torch.from_numpy(self.targets["betas"][row]),
-            "pose_valid": torch.tensor(bool(self.targets["pose_valid"][row])),
-            "betas_valid": torch.tensor(bool(self.targets["betas_valid"][row])),
+            "fit_valid": torch.tensor(bool(self.targets["fit_valid"][row])),
+            "betas_ok": torch.tensor(bool(self.targets["betas_ok"][row])),
             "joints3d": torch.from_numpy(joints3d.astype(np.float32)),
             "has_joints3d": torch.tensor(bool(self.has_joints3d[row])),
             "usable": torch.tensor(usable),
@@ -204,6 +205,75 @@ class StepBatchSampler(Sampler[list[int]]):
                     cache[epoch] = self._permutation(epoch)
                 batch.append(epoch * self.n + int(cache[epoch][index]))
             yield batch
+
+
+# SPIN's mixing (datasets/mixed_dataset.py): H36M 0.3, the four 2D in-the-wild sets 0.6 split by
+# their sizes, MPI-INF-3DHP 0.1. A key naming several datasets shares its weight by size.
+SPIN_MIX: dict[str, float] = {"h36m": 0.3, "lsp-orig,mpii,lspet,coco": 0.6, "mpi-inf-3dhp": 0.1}
+
+
+def mixing_probabilities(counts: Mapping[str, int], mix: Mapping[str, float]) -> dict[str, float]:
+    """Per-dataset sampling probabilities from the datasets' sizes and a run's `mix`.
+
+    `mix` maps a dataset, or several joined by commas, to a weight; a group's weight is split in
+    proportion to its datasets' sizes (SPIN_MIX's in-the-wild group), and the weights are
+    normalized. An empty `mix` draws every row alike. BadInput when `mix` names no dataset of the
+    data, leaves a dataset of the data without a weight (0 leaves it out of training) or names one twice."""
+    counts = {name: int(n) for name, n in counts.items() if n > 0}
+    if not mix:
+        total = sum(counts.values())
+        return {name: n / total for name, n in counts.items()}
+    owner: dict[str, str] = {}
+    for key, weight in mix.items():
+        if not (np.isfinite(weight) and weight >= 0):
+            raise BadInput(f"mix: weight of '{key}' must be a number >= 0, got {weight}")
+        names = [n.strip() for n in str(key).split(",") if n.strip()]
+        twice = [n for n in names if n in owner]
+        if twice:
+            raise BadInput(f"mix: dataset '{twice[0]}' has two weights")
+        if not any(n in counts for n in names):
+            raise BadInput(f"mix: '{key}' names no dataset of the training data (it has: {', '.join(sorted(counts))})")
+        owner.update({n: key for n in names})
+    unweighted = sorted(set(counts) - set(owner))
+    if unweighted:
+        raise BadInput(f"mix: no weight for {', '.join(unweighted)} of the training data (weight 0 leaves a "
+                       "dataset out of training)")
+    group_size = {key: sum(counts.get(n, 0) for n in owner if owner[n] == key) for key in mix}
+    raw = {name: mix[owner[name]] * n / group_size[owner[name]] for name, n in counts.items()}
+    total = sum(raw.values())
+    if total <= 0:
+        raise BadInput("mix: every dataset of the training data has weight 0")
+    return {name: w / total for name, w in raw.items()}
+
+
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches for steps start..stop-1 that draw each sample's dataset by its probability and then
+    a row of that dataset uniformly (SPIN's MixedDataset). Draws depend only on (seed, step), so a
+    resumed run sees the same batches. Keys are (step * batch + position) * N + row: the row is
+    key % N, and every draw has its own augmentation."""
+
+    def __init__(self, dataset_rows: Mapping[str, np.ndarray], probabilities: Mapping[str, float],
+                 batch_size: int, seed: int, start: int, stop: int):
+        names = [n for n in dataset_rows if probabilities.get(n, 0) > 0]
+        self.rows = [np.asarray(dataset_rows[n]) for n in names]
+        self.p = np.array([probabilities[n] for n in names]) / sum(probabilities[n] for n in names)
+        self.n = int(sum(len(r) for r in dataset_rows.values()))
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.start, self.stop = int(start), int(stop)
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def epoch_of(self, step: int) -> int:
+        return (step * self.batch_size) // self.n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            rng = np.random.default_rng([self.seed, 7919, step])
+            which = rng.choice(len(self.rows), size=self.batch_size, p=self.p)
+            first = step * self.batch_size
+            yield [(first + position) * self.n + int(self.rows[d][rng.integers(len(self.rows[d]))])
+                   for position, d in enumerate(which)]
 
 
 def _worker_init(_: int) -> None:

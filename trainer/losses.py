@@ -129,7 +129,7 @@ def compute_losses(
 ) -> LossResult:
     """All of SPIN's terms for one batch (see the module docstring).
 
-    batch: keypoints (B, 49, 3), pose (B, 72), betas (B, 10), pose_valid (B,), betas_valid (B,),
+    batch: keypoints (B, 49, 3), pose (B, 72), betas (B, 10), fit_valid (B,), betas_ok (B,),
     joints3d (B, 24, 4), has_joints3d (B,), usable (B,), as `trainer.dataset` serves them.
     """
     if mode not in MODES:
@@ -139,26 +139,32 @@ def compute_losses(
     pred_2d = project_keypoints(body.keypoints, out.cam)
     per_joint = keypoint_loss(pred_2d, batch["keypoints"], weights.openpose, weights.gt_keypoints)
 
-    pose_mask = batch["pose_valid"].bool() & usable
+    # SPIN's shape guard, as its train/trainer.py does it: a fit with any |beta| > 3 gets the mean
+    # shape (0) as its betas target; its pose, and its vertices (from its own betas), still
+    # supervise when the fit is valid. An invalid fit supervises none of them. (The keypoint
+    # losses use the dataset's labels, not the fit, and apply to every sample; SPIN puts no loss
+    # on a fit's joints, so neither does this.)
+    fit_mask = batch["fit_valid"].bool() & usable
+    betas_target = torch.where(batch["betas_ok"].bool()[:, None], batch["betas"], torch.zeros_like(batch["betas"]))
     terms = {
         "keypoints": per_joint.mean(dim=-1),
         "keypoints_3d": keypoint_3d_loss(body.keypoints[:, list(GT24)], batch["joints3d"]),
         "pose": pose_loss(out.rotmat, pose_to_rotmat(batch["pose"])),
-        "betas": betas_loss(out.betas, batch["betas"]),
+        "betas": betas_loss(out.betas, betas_target),
         "cam": camera_loss(out.cam),
     }
     masks = {
         "keypoints": usable,
         "keypoints_3d": batch["has_joints3d"].bool() & usable,
-        "pose": pose_mask,
-        "betas": batch["betas_valid"].bool() & usable,
+        "pose": fit_mask,
+        "betas": fit_mask,
         "cam": usable,
     }
     if weights.vertices > 0:
         with torch.no_grad():
             target = body_model(batch["pose"], batch["betas"]).vertices
         terms["vertices"] = vertex_loss(body.vertices, target)
-        masks["vertices"] = pose_mask
+        masks["vertices"] = fit_mask
     if mode == "2d":
         if prior is None:
             raise BadInput("the 2D-only mode needs a pose prior")

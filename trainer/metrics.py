@@ -1,12 +1,14 @@
 """Evaluation metrics as pure functions.
 
-3D: SPIN's protocol on the 14 LSP joints (the first 14 of the ground-truth block), both sets
-centred on their pelvis (the mid-point of the hips) and compared in millimetres:
+3D, on joints already centred as their protocol says (`trainer.data.protocols`), in metres, with
+an optional (B, J) mask of the joints that count; errors in millimetres:
     MPJPE      mean per-joint position error
-    PA-MPJPE   the same after the best similarity transform (Procrustes; SPIN's
-               "reconstruction error")
-    PCK / AUC  MPI-INF-3DHP's: the percentage of joints within 150 mm, and the mean of that share over
-               the thresholds 0, 5, ..., 150 mm; without and with the alignment
+    PA-MPJPE   the same after the similarity transform (rotation, scale, translation) of the
+               prediction that best fits the truth over the joints that count: SPIN's
+               `reconstruction_error`
+    PCK / AUC  MPI-INF-3DHP's test code: the percentage of joints whose error is strictly below
+               150 mm, and the mean of that percentage over the thresholds 0, 5, ..., 150 mm
+               (so a perfect prediction has AUC 30/31 = 96.8%); without and with the alignment
 Segmentation: accuracy and macro F1 from a confusion matrix accumulated over the whole test set,
 as SPIN (after UP-3D) evaluates LSP: foreground/background (2 classes) and the six parts plus
 background (7 classes).
@@ -18,39 +20,39 @@ import torch
 
 from fitting.geometry import similarity_align
 
-LSP_RIGHT_HIP, LSP_LEFT_HIP = 2, 3
 PCK_THRESHOLD_MM = 150.0
 AUC_THRESHOLDS_MM = tuple(float(t) for t in np.linspace(0.0, 150.0, 31))
 
 
-def centre_on_pelvis(joints: torch.Tensor) -> torch.Tensor:
-    """(B, 14, 3) LSP joints -> the same minus the mid-hip point."""
-    return joints - 0.5 * (joints[:, LSP_RIGHT_HIP:LSP_RIGHT_HIP + 1] + joints[:, LSP_LEFT_HIP:LSP_LEFT_HIP + 1])
-
-
-def joint_errors(pred: torch.Tensor, gt: torch.Tensor, align: bool = False) -> torch.Tensor:
-    """(B, 14, 3) predicted and true LSP joints in metres -> (B, 14) distances in mm, after
-    pelvis centring and, with `align`, the best similarity transform of pred onto gt."""
-    pred = centre_on_pelvis(pred.double())
-    gt = centre_on_pelvis(gt.double())
+def joint_errors(pred: torch.Tensor, gt: torch.Tensor, counts: torch.Tensor | None = None,
+                 align: bool = False) -> torch.Tensor:
+    """(B, J, 3) predicted and true joints in metres, centred by their protocol, and (B, J) bool
+    joints that count -> (B, J) distances in mm, NaN where a joint does not count. With `align`,
+    the prediction first takes the similarity transform that best fits it to the truth over the
+    joints that count."""
+    pred, gt = pred.double(), gt.double()
     if align:
-        pred = similarity_align(pred, gt)
-    return 1000.0 * (pred - gt).norm(dim=-1)
+        pred = similarity_align(pred, gt, None if counts is None else counts.double())
+    errors = 1000.0 * (pred - gt).norm(dim=-1)
+    return errors if counts is None else torch.where(counts, errors, float("nan"))
 
 
-def mpjpe(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """(B,) mean per-joint position error in mm."""
-    return joint_errors(pred, gt).mean(dim=-1)
+def mpjpe(pred: torch.Tensor, gt: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) mean per-joint position error in mm over the joints that count."""
+    return joint_errors(pred, gt, counts).nanmean(dim=-1)
 
 
-def pa_mpjpe(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """(B,) reconstruction error: MPJPE after Procrustes alignment, in mm."""
-    return joint_errors(pred, gt, align=True).mean(dim=-1)
+def pa_mpjpe(pred: torch.Tensor, gt: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) reconstruction error: MPJPE after the similarity alignment, in mm."""
+    return joint_errors(pred, gt, counts, align=True).nanmean(dim=-1)
 
 
 def pck(errors: torch.Tensor, threshold: float = PCK_THRESHOLD_MM) -> torch.Tensor:
-    """(B, J) joint errors in mm -> (B,) percentage of joints within `threshold`."""
-    return 100.0 * (errors <= threshold).double().mean(dim=-1)
+    """(B, J) joint errors in mm (NaN: not counted) -> (B,) percentage of the counted joints
+    whose error is below `threshold` (strictly, as MPI-INF-3DHP's test code counts)."""
+    counted = ~torch.isnan(errors)
+    hits = ((errors < threshold) & counted).double().sum(dim=-1)
+    return 100.0 * hits / counted.double().sum(dim=-1)
 
 
 def auc(errors: torch.Tensor, thresholds: tuple[float, ...] = AUC_THRESHOLDS_MM) -> torch.Tensor:
@@ -58,14 +60,16 @@ def auc(errors: torch.Tensor, thresholds: tuple[float, ...] = AUC_THRESHOLDS_MM)
     return torch.stack([pck(errors, t) for t in thresholds], dim=-1).mean(dim=-1)
 
 
-def pose_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, 14, 3) each, metres -> per-sample (B,) mpjpe, pa_mpjpe (mm), pck, auc, pa_pck, pa_auc (%)."""
-    raw = joint_errors(pred, gt)
-    aligned = joint_errors(pred, gt, align=True)
-    return {
-        "mpjpe": raw.mean(dim=-1), "pa_mpjpe": aligned.mean(dim=-1),
-        "pck": pck(raw), "auc": auc(raw), "pa_pck": pck(aligned), "pa_auc": auc(aligned),
-    }
+def pose_metrics(pred: torch.Tensor, gt: torch.Tensor, counts: torch.Tensor | None = None,
+                 with_pck: bool = True) -> dict[str, torch.Tensor]:
+    """(B, J, 3) each, metres, centred; (B, J) joints that count -> per-sample (B,) mpjpe,
+    pa_mpjpe (mm) and, `with_pck`, pck, auc, pa_pck, pa_auc (%)."""
+    raw = joint_errors(pred, gt, counts)
+    aligned = joint_errors(pred, gt, counts, align=True)
+    out = {"mpjpe": raw.nanmean(dim=-1), "pa_mpjpe": aligned.nanmean(dim=-1)}
+    if with_pck:
+        out.update(pck=pck(raw), auc=auc(raw), pa_pck=pck(aligned), pa_auc=auc(aligned))
+    return out
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int | None = 255) -> np.ndarray:
@@ -82,18 +86,20 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore:
     return np.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def segmentation_scores(confusion: np.ndarray) -> dict[str, float]:
+def segmentation_scores(confusion: np.ndarray, ignored: int = 0, ignored_background: int = 0) -> dict[str, float]:
     """(C, C) confusion -> accuracy and macro F1 (the mean over classes of 2TP / (2TP + FP + FN);
-    a class absent from both truth and prediction is left out of the mean)."""
+    a class absent from both truth and prediction is left out of the mean). `ignored` pixels (truth
+    255, left out of the confusion) count as background for the accuracy, as SPIN and UP-3D count
+    them: `ignored_background` of them were predicted background."""
     confusion = np.asarray(confusion, dtype=np.float64)
     tp = np.diag(confusion)
     fp = confusion.sum(axis=0) - tp
     fn = confusion.sum(axis=1) - tp
     denom = 2 * tp + fp + fn
     f1 = np.divide(2 * tp, denom, out=np.full_like(tp, np.nan), where=denom > 0)
-    total = confusion.sum()
+    total = confusion.sum() + ignored
     return {
-        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "accuracy": float((tp.sum() + ignored_background) / total) if total else float("nan"),
         "f1": float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan"),
     }
 

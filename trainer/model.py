@@ -11,6 +11,7 @@ pose, shape and camera mean the same thing for every backbone and image size.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,20 +69,50 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
     return net, features
 
 
+def torchvision_weights_path(name: str) -> Path:
+    """Where torchvision keeps a backbone's ImageNet weights (IMAGENET1K_V1, as SPIN used) in
+    torch's hub cache: $TORCH_HOME/hub/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[name]
+
+
 def resolve_backbone_weights(name: str, spec: str | None) -> Path | None:
     """Where the backbone's initial weights come from: 'none' (random), 'auto' (torchvision's
-    ImageNet file if it is already in the local hub cache; never downloads) or a file path."""
+    ImageNet file in the local hub cache; never downloads) or a file path. With 'auto', a
+    torchvision backbone whose file is not in the cache is an error that says how to provide it:
+    never a silent start from random weights. The small backbone has no ImageNet weights: 'auto'
+    starts it from random ones (recorded as such)."""
     if spec in (None, "", "none"):
         return None
     if spec == "auto":
         if name not in _TORCHVISION_FILES:
             return None
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / _TORCHVISION_FILES[name]
-        return cached if cached.is_file() else None
+        cached = torchvision_weights_path(name)
+        if not cached.is_file():
+            raise BadInput(
+                f"backbone_weights: auto needs torchvision's ImageNet {name} weights at {cached} and this project "
+                f"never downloads them: copy {cached.name} there (docker/Dockerfile shows how to bake it into the "
+                "image), or set train.backbone_weights to the file's path, or to 'none' for random weights")
+        return cached
     path = Path(spec)
     if not path.is_file():
         raise BadInput(f"backbone weights not found: {path}")
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_record(path: Path | None, kind: str) -> dict[str, str]:
+    """What a network's weights started from, for summaries and MLflow: the kind ('imagenet',
+    'spin', 'random'), the file and its SHA-256."""
+    if path is None:
+        return {"kind": "random", "path": "", "sha256": ""}
+    return {"kind": kind, "path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
 
 def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
@@ -95,13 +126,19 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise BadInput(f"{path}: expected a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_exactly(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")}, f"{path}", "the backbone")
+
+
+def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """Load every weight of `module` from `state`: a key missing or left over, or a shape that
+    differs, is a one-line BadInput naming `source` and `what` it should have been."""
     try:
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # size mismatches
-        raise BadInput(f"{path}: does not match the backbone ({' '.join(str(exc).split())[:160]})") from exc
+        raise BadInput(f"{source}: does not match {what} ({' '.join(str(exc).split())[:160]})") from exc
     if missing or unexpected:
-        raise BadInput(f"{path}: does not match the backbone (missing {len(missing)}, unexpected {len(unexpected)} keys)")
+        raise BadInput(f"{source}: does not match {what} (missing {len(missing)} keys, e.g. {sorted(missing)[:2]}; "
+                       f"unexpected {len(unexpected)}, e.g. {sorted(unexpected)[:2]})")
 
 
 class Regressor(nn.Module):
@@ -130,7 +167,7 @@ class Regressor(nn.Module):
         weights_path = resolve_backbone_weights(backbone, backbone_weights)
         if weights_path is not None:
             load_backbone_weights(self.backbone, weights_path)
-        self.backbone_weights = str(weights_path) if weights_path is not None else "random"
+        self.backbone_weights = weights_record(weights_path, "imagenet")
         state = POSE_DIM + 10 + 3
         self.fc1 = nn.Linear(features + state, hidden)
         self.drop1 = nn.Dropout(dropout)
@@ -162,6 +199,45 @@ class Regressor(nn.Module):
             cam = self.deccam(x) + cam
         rotmat = sixd_to_rotmat(pose.reshape(batch, NUM_JOINTS, 6))
         return RegressorOutput(rotmat=rotmat, betas=shape, cam=cam, sixd=pose)
+
+
+# SPIN's HMR keeps the ResNet's layers at the top level of its state dict; this regressor keeps
+# them under `backbone.`. The head (fc1, fc2, decpose, decshape, deccam) and the mean-parameter
+# buffers (init_pose, init_shape, init_cam) have the same names, shapes and meaning: both read 6D
+# rotations as SPIN's (3, 2) layout, and fc1 reads [features, pose, shape, cam] in that order.
+SPIN_BACKBONE_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+
+
+def spin_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """SPIN's checkpoint (`model_checkpoint.pt`, or any file its CheckpointSaver wrote) as this
+    regressor's state dict. torch.load(weights_only=True); BadInput for an unreadable file or keys
+    that are not SPIN's HMR."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"SPIN checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise BadInput(f"{path}: not a loadable checkpoint ({' '.join(str(exc).split())[:160]})") from exc
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or "decpose.weight" not in state:
+        raise BadInput(f"{path}: not SPIN's checkpoint (no 'model' state dict with decpose, decshape, deccam)")
+    mapped = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key  # saved from DataParallel
+        if key.startswith("fc."):
+            continue  # an ImageNet classifier left in by hmr(pretrained=True)
+        mapped[f"backbone.{key}" if key.startswith(SPIN_BACKBONE_PREFIXES) else key] = value
+    return mapped
+
+
+def load_spin_weights(regressor: Regressor, path: str | Path) -> None:
+    """Every weight of `regressor` (a ResNet-50 one) from SPIN's checkpoint; any key missing or
+    left over, or a shape that differs, is an error."""
+    if regressor.config["backbone"] != "resnet50":
+        raise BadInput(f"SPIN's checkpoint is a resnet50 regressor; this run trains a {regressor.config['backbone']} "
+                       "one (set train.backbone: resnet50)")
+    load_exactly(regressor, spin_state_dict(path), f"{path}", "SPIN's HMR")
 
 
 def cam_translation(cam: torch.Tensor) -> torch.Tensor:

@@ -11,22 +11,36 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from fitting.body_model import load_body_model
+from fitting.body_model import BodyModel
 from fitting.errors import BadInput
-from fitting.priors import load_prior
+from fitting.priors import GMMPrior
 from trainer.data.storage import atomic_local
 from trainer.data.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, conform, write_table
-from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_samples
+from trainer.dataset import (
+    MixedBatchSampler,
+    SamplesDataset,
+    StepBatchSampler,
+    make_loader,
+    mixing_probabilities,
+    read_samples,
+)
 from trainer.losses import compute_losses
 from trainer.mean_params import load_mean_params
-from trainer.model import Regressor, axis_angle_pose, cam_translation, normalize_images
+from trainer.model import (
+    Regressor,
+    axis_angle_pose,
+    cam_translation,
+    load_spin_weights,
+    normalize_images,
+    weights_record,
+)
 from trainer.train_config import TrainConfig
 
 CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
@@ -40,9 +54,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise BadInput(f"unknown device '{name}'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():  # never a silent fall back to the CPU
+        raise BadInput(f"device '{name}': no CUDA device is visible to torch (use --device cpu or auto)")
+    return device
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
@@ -97,17 +114,40 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _build_regressor(config: TrainConfig, init_checkpoint: Path | None) -> Regressor:
-    if init_checkpoint is None:
-        return Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
-                         backbone_weights=config.backbone_weights)
-    payload = read_checkpoint(init_checkpoint)
+SPIN_PREFIX = "spin:"
+
+
+def parse_init(init_from: str | Path | None) -> tuple[str, Path | None]:
+    """('fresh' | 'spin' | 'checkpoint', path) from a start: None, 'spin:PATH' (SPIN's released
+    checkpoint) or the path of one of this project's checkpoints."""
+    if init_from in (None, ""):
+        return "fresh", None
+    text = str(init_from)
+    if text.startswith(SPIN_PREFIX):
+        return "spin", Path(text[len(SPIN_PREFIX):])
+    return "checkpoint", Path(text)
+
+
+def _build_regressor(config: TrainConfig, init_from: str | Path | None) -> tuple[Regressor, dict[str, str]]:
+    """The regressor to train and the record of the weights its backbone started from (carried
+    along warm starts, so the last round still names the ImageNet or SPIN file)."""
+    kind, path = parse_init(init_from)
+    if kind == "fresh":
+        regressor = Regressor(config.backbone, config.img_res, mean_params=load_mean_params(config.mean_params),
+                              backbone_weights=config.backbone_weights)
+        return regressor, regressor.backbone_weights
+    if kind == "spin":
+        # every weight comes from SPIN's file, its mean parameters included: the ImageNet file is not needed
+        regressor = Regressor(config.backbone, config.img_res, mean_params=_zero_mean_params(), backbone_weights="none")
+        load_spin_weights(regressor, path)
+        return regressor, weights_record(path, "spin")
+    payload = read_checkpoint(path)
     if payload["regressor"].get("backbone") != config.backbone:
-        raise BadInput(f"{init_checkpoint}: a {payload['regressor'].get('backbone')} regressor cannot warm-start "
+        raise BadInput(f"{path}: a {payload['regressor'].get('backbone')} regressor cannot warm-start "
                        f"a {config.backbone} one")
-    regressor = regressor_from_payload(payload, str(init_checkpoint))
+    regressor = regressor_from_payload(payload, str(path))
     regressor.img_res = regressor.config["img_res"] = config.img_res  # the network is resolution-independent
-    return regressor
+    return regressor, payload.get("backbone_weights", weights_record(None, "random"))
 
 
 class _Meter:
@@ -155,12 +195,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _resume(last: Path, config: TrainConfig, regressor: Regressor, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> tuple[int, set[int]]:
+def _resume(last: Path, config: TrainConfig, mix: dict[str, float], regressor: Regressor,
+            optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, set[int]]:
     """Load last.pt into the regressor, the optimizer and the RNG; returns its step and the rows
     whose images could not be read so far."""
     state = read_checkpoint(last, device)
-    if _comparable(state["train_config"]) != _comparable(config.to_dict()):
+    if _comparable(state["train_config"]) != _comparable(config.to_dict()) or state.get("mix", {}) != mix:
         raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
     regressor.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -173,16 +213,23 @@ def train_regressor(
     samples_dirs: list[Path],
     fits: pa.Table | None,
     out_dir: Path,
-    init_checkpoint: Path | None = None,
-    body_model: torch.nn.Module | None = None,
-    prior: torch.nn.Module | None = None,
+    body_model: BodyModel,
+    init_from: str | Path | None = None,
+    prior: GMMPrior | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    mix: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Train for `config.steps` steps; see the module docstring.
+    """Train for `config.steps` steps; see the module docstring. The body model (and, in the 2D
+    mode, the pose prior) are the caller's: a run passes its configured ones, never a default.
 
+    init_from: None (the backbone's configured weights), a checkpoint of this project to
+    warm-start from, or 'spin:PATH', SPIN's released checkpoint. mix: sampling weights per
+    dataset (`trainer.dataset.mixing_probabilities`); None or empty draws every row alike.
     log_metrics(metrics, step) gets train/<term> means every `log_every` steps (and at the end)
     and epoch/<term> means when an epoch ends. Returns a summary: steps, seconds, images_per_s,
-    final_losses (the last logging window), sample counts, backbone weights, device."""
+    final_losses (the last logging window), sample counts and draws per dataset, the weights the
+    backbone started from (file and SHA-256), device, and the body model and prior it used
+    (`loaded`: path and sha256 of each)."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if config.mode == "fits" and fits is None:
         raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
@@ -194,20 +241,27 @@ def train_regressor(
 
     dataset = SamplesDataset(read_samples(samples_dirs), fits if config.mode == "fits" else None, config.img_res,
                              augment=config.augment if config.use_augmentation else None, seed=config.seed)
-    if body_model is None:
-        body_model = load_body_model()
-    body_model = body_model.to(device)
     if config.mode == "2d" and prior is None:
-        prior = load_prior()
-    prior = prior.to(device) if prior is not None else None
+        raise BadInput("the 2D-only mode needs the run's pose prior")
+    body_model = body_model.to(device)
+    prior = prior.to(device) if prior is not None and config.mode == "2d" else None
 
-    regressor = _build_regressor(config, Path(init_checkpoint) if init_checkpoint else None).to(device)
+    regressor, started_from = _build_regressor(config, init_from)
+    regressor = regressor.to(device)
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
     last = out_dir / "last.pt"
-    start, unreadable = _resume(last, config, regressor, optimizer, device) if last.is_file() else (0, set())
+    mix = dict(mix or {})
+    start, unreadable = _resume(last, config, mix, regressor, optimizer, device) if last.is_file() else (0, set())
 
-    sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
+    names, counts = np.unique(dataset.datasets, return_counts=True)
+    probabilities = mixing_probabilities(dict(zip(names.tolist(), counts.tolist())), mix)
+    if mix:
+        rows = {name: np.flatnonzero(dataset.datasets == name) for name in names.tolist()}
+        sampler = MixedBatchSampler(rows, probabilities, config.batch_size, config.seed, start, config.steps)
+    else:
+        sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
     loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    drawn = np.zeros(len(dataset), np.int64)
     regressor.train()
     meter = _Meter()
     images, started, step = 0, time.perf_counter(), start
@@ -216,6 +270,7 @@ def train_regressor(
         for batch in loader:
             values = _train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
             unreadable.update(batch["row"][~batch["usable"]].tolist())
+            np.add.at(drawn, batch["row"].numpy(), 1)
             step += 1
             images += len(batch["image"])
             meter.add(values)
@@ -234,7 +289,7 @@ def train_regressor(
                 meter.epoch = {}
             if step % config.checkpoint_every == 0 and not done:
                 save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state(),
-                                         unreadable=sorted(unreadable)), last)
+                                         mix=mix, backbone_weights=started_from, unreadable=sorted(unreadable)), last)
     seconds = time.perf_counter() - started
     quarantine = quarantine_table(dataset, unreadable, out_dir)
     summary = {
@@ -243,11 +298,17 @@ def train_regressor(
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
         "samples": len(dataset), "quarantined": len(quarantine),
         "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
-        "fitted_samples": int(dataset.targets["pose_valid"].sum()),
-        "backbone": config.backbone, "backbone_weights": regressor.backbone_weights,
-        "warm_start": str(init_checkpoint) if init_checkpoint else None, "device": str(device), "mode": config.mode,
+        "fitted_samples": int(dataset.targets["fit_valid"].sum()),
+        "backbone": config.backbone, "backbone_weights": started_from,
+        "init_from": str(init_from) if init_from else None, "device": str(device), "mode": config.mode,
+        "datasets": {name: {"samples": int(n), "probability": round(probabilities[name], 6),
+                            "drawn": int(drawn[dataset.datasets == name].sum())}
+                     for name, n in zip(names.tolist(), counts.tolist())},
+        "mix": mix,
+        "loaded": {"body_model": body_model.identity, **({"prior": prior.identity} if prior is not None else {})},
     }
-    save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary), out_dir / "checkpoint.pt")
+    save_checkpoint(_payload(regressor.cpu(), config, step, summary=summary, backbone_weights=started_from),
+                    out_dir / "checkpoint.pt")
     if last.exists():
         last.unlink()
     return summary

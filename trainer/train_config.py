@@ -20,7 +20,7 @@ class TrainConfig(Settings):
     SECTION = "train"
 
     backbone: str = "small"
-    backbone_weights: str = "auto"   # 'auto' (torchvision's cache, never downloads), 'none', or a path
+    backbone_weights: str = "auto"   # 'auto' (torchvision's cache; never downloads, an error without it), 'none', or a path
     img_res: int = 128
     batch_size: int = 64
     lr: float = 5e-5
@@ -68,7 +68,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"backbone": "small", "img_res": 96, "batch_size": 32, "lr": 3e-4, "steps": 500,
               "num_workers": 1, "checkpoint_every": 100, "log_every": 10, "backbone_weights": "none",
               "weights": {"keypoints": 0.5}, "grad_clip": 10.0},
-    # the paper: ResNet-50 (ImageNet weights where cached), 224 px, batch 64, Adam 5e-5
+    # the paper: ResNet-50 from ImageNet weights (torch's cache, or an error), 224 px, batch 64, Adam 5e-5
     "paper": {"backbone": "resnet50", "img_res": 224, "batch_size": 64, "lr": 5e-5, "steps": 200000,
               "num_workers": 8, "checkpoint_every": 1000, "log_every": 50, "backbone_weights": "auto"},
 }

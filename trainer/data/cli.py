@@ -1,5 +1,5 @@
-"""`spin-pipeline data`: make the synthetic benchmark, ingest SPIN's .npz datasets, and look at
-samples on a contact sheet."""
+"""`spin-pipeline data`: make the synthetic benchmark, ingest datasets (SPIN's .npz files, OpenPose
+folders, COCO keypoint files) into a data root, and show what a root holds."""
 from __future__ import annotations
 
 import json
@@ -17,11 +17,13 @@ from fitting.camera import IMG_RES, crop_camera, estimate_translation
 from fitting.errors import BadInput
 from fitting.keypoints import GT24, SKELETON
 from fitting.render import draw_keypoints, overlay_mesh
-from trainer.data.ingest import ingest_spin_npz
+from trainer.data import datasets
+from trainer.data.ingest import Roots, ingest_rows, spin_rows
 from trainer.data.samples import DEFAULT_MIN_VISIBLE, decode_image, decode_mask, from_normalized
 from trainer.data.synth import SYNTH_PRESETS, SynthConfig
 from trainer.data.synth_run import generate
 from trainer.data.tables import SAMPLES_SCHEMA, read_table, shard_paths, to_numpy
+from trainer.data.wild import OPENPOSE_MIN_CONFIDENCE, PersonRows, coco_rows, openpose_rows
 
 TILE = 192
 
@@ -53,22 +55,64 @@ def synth(out_dir, preset, seed, img_size, num_train, num_test, shard_size, work
     click.echo(json.dumps({k: summary[k] for k in ("counts", "seconds", "samples_per_s", "workers")}))
 
 
+FORMATS = ("spin-npz", "openpose", "coco")
+
+
+def read_source(fmt: str, source: str, keypoints_dir: str | None, images_root: str | None,
+                min_confidence: float) -> tuple[PersonRows, Path]:
+    """The rows of a source in any format, and the folder its image names are relative to.
+    BadInput for a missing or wrongly combined argument."""
+    if fmt == "openpose":
+        if not keypoints_dir:
+            raise BadInput("--format openpose needs two arguments: IMAGES_DIR KEYPOINTS_DIR")
+        if images_root and Path(images_root) != Path(source):
+            raise BadInput("--format openpose reads its images from IMAGES_DIR; leave out --images")
+        return openpose_rows(source, keypoints_dir, min_confidence=min_confidence), Path(source)
+    if keypoints_dir:
+        raise BadInput(f"--format {fmt} takes one file argument, got a second ({keypoints_dir})")
+    if not images_root:
+        raise BadInput(f"--format {fmt} needs --images ROOT (the folder its image names are relative to)")
+    rows = spin_rows(source) if fmt == "spin-npz" else coco_rows(source)
+    return rows, Path(images_root)
+
+
 @data.command("ingest")
-@click.argument("npz_file", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["spin-npz"]), default="spin-npz", show_default=True)
-@click.option("--images", "images_root", required=True, type=click.Path(), help="Folder that imgname is relative to.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--dataset", default=None, help="Dataset name (default: the file's stem).")
+@click.argument("source", type=click.Path())
+@click.argument("keypoints_dir", required=False, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="spin-npz", show_default=True,
+              help="spin-npz: SPIN's dataset_extras/*.npz; openpose: IMAGES_DIR KEYPOINTS_DIR (BODY_25 JSON per "
+                   "image); coco: a person_keypoints_*.json.")
+@click.option("--images", "images_root", type=click.Path(), help="Folder that the image names are relative to.")
+@click.option("--masks", "masks_root", type=click.Path(), help="Folder of maskname / partname (default: --images).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The data root.")
+@click.option("--dataset", default=None, help="Dataset name (default: SPIN's key for its files, else the file's stem; "
+                                                "'openpose' or 'coco' for those formats).")
+@click.option("--split", type=click.Choice(datasets.SPLITS), default=None,
+              help="train or test (default: SPIN's for its files, else train).")
 @click.option("--img-size", type=int, default=IMG_RES, show_default=True)
 @click.option("--shard-size", type=int, default=1000, show_default=True)
 @click.option("--min-visible", type=int, default=DEFAULT_MIN_VISIBLE, show_default=True,
-              help="Quarantine samples with fewer keypoints of confidence > 0.")
+              help="Quarantine samples labelled by 2D keypoints with fewer of confidence > 0.")
+@click.option("--min-confidence", type=float, default=OPENPOSE_MIN_CONFIDENCE, show_default=True,
+              help="OpenPose: a keypoint is detected above this confidence (SPIN's demo threshold).")
 @click.option("--workers", type=int, default=4, show_default=True, help="Image decoding threads.")
-def ingest(npz_file, fmt, images_root, out_dir, dataset, img_size, shard_size, min_visible, workers) -> None:
-    """Import a SPIN dataset file (dataset_extras/*.npz) and its images into sample shards;
-    bad samples go to OUT/quarantine.parquet with a reason."""
-    summary = ingest_spin_npz(npz_file, images_root, out_dir, dataset=dataset, img_size=img_size,
-                              shard_size=shard_size, min_visible=min_visible, workers=workers)
+def ingest(source, keypoints_dir, fmt, images_root, masks_root, out_dir, dataset, split, img_size, shard_size,
+           min_visible, min_confidence, workers) -> None:
+    """Add one dataset to a data root: OUT/<split>/<dataset>-part-XXXXX.parquet, its quarantine
+    (OUT/_quarantine/<split>/<dataset>.parquet, one reason per row) and its record
+    (OUT/_datasets/<split>/<dataset>.json). A dataset already in OUT is never written again.
+
+    \b
+    spin-pipeline data ingest lsp_dataset_original_train.npz --images LSP_ORIG --out data
+    spin-pipeline data ingest 3dpw_test.npz --images 3DPW --out data
+    spin-pipeline data ingest --format openpose IMAGES_DIR KEYPOINTS_DIR --out data
+    spin-pipeline data ingest --format coco person_keypoints_train2014.json --images COCO --out data
+    """
+    dataset, split = datasets.dataset_and_split(source if fmt == "spin-npz" else fmt, dataset, split)
+    rows, images = read_source(fmt, source, keypoints_dir, images_root, min_confidence)
+    roots = Roots(images, Path(masks_root) if masks_root else images)
+    summary = ingest_rows(rows, source, fmt, roots, out_dir, dataset, split, img_size=img_size,
+                          shard_size=shard_size, min_visible=min_visible, workers=workers)
     click.echo(json.dumps(summary))
 
 
@@ -138,16 +182,30 @@ def contact_sheet(directory: str, split: str | None = "train", num: int = 16, co
     return np.concatenate(rows, axis=0)
 
 
+def format_root(rows: list[dict]) -> str:
+    """`describe_root`'s rows as an aligned text table."""
+    header = ("split", "dataset", "samples", "quarantined", "protocol")
+    cells = [header] + [tuple(str(r[k]) for k in header) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(header))).rstrip() for c in cells)
+
+
 @data.command("show")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write a contact sheet PNG.")
 @click.option("--num", type=int, default=16, show_default=True)
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
 @click.option("--body-model", type=click.Path(dir_okay=False), default=None, help="For GT meshes (default: built-in).")
-def show(directory, out_path, num, split, body_model) -> None:
-    """A contact sheet of samples: keypoints and skeleton, and the GT mesh and mask where present."""
+@click.option("--json", "as_json", is_flag=True, help="The per-dataset counts as JSON.")
+def show(directory, out_path, num, split, body_model, as_json) -> None:
+    """Samples and quarantined rows per dataset and split, with each dataset's protocol; with
+    --out, a contact sheet of samples (keypoints and skeleton, GT mesh and mask where present)."""
     if num < 1:
         raise BadInput("--num must be >= 1")
+    rows = datasets.describe_root(directory)
+    click.echo(json.dumps(rows) if as_json else format_root(rows))
+    if out_path is None:
+        return
     sheet = contact_sheet(directory, split, num, body_model=body_model)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(os.fspath(out_path), sheet[..., ::-1]):

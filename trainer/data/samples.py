@@ -141,6 +141,39 @@ def crop_square(
     return crop, transform
 
 
+def spin_box(center: np.ndarray, scale: float, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """SPIN's integer crop box (utils/imutils.py `crop` and `uncrop`): the corners of the `res`-pixel
+    crop mapped back into the image through SPIN's `transform` (inverted affine, 1-based, truncated
+    toward zero). Returns ul, br (2,) int: the box is [ul, br) in x and y."""
+    h = 200.0 * float(scale)
+    t = np.array([[res / h, 0.0, res * (-float(center[0]) / h + 0.5)],
+                  [0.0, res / h, res * (-float(center[1]) / h + 0.5)],
+                  [0.0, 0.0, 1.0]])
+    inverse = np.linalg.inv(t)
+    corners = [(inverse @ np.array([p - 1.0, p - 1.0, 1.0]))[:2].astype(int) + 1 - 1 for p in (1, res + 1)]
+    return corners[0], corners[1]
+
+
+def uncrop_labels(labels: np.ndarray, center: np.ndarray, scale: float, image_shape: tuple[int, int]) -> np.ndarray:
+    """A square (res, res) uint8 label map of the crop -> (H, W) of the original image, as SPIN's
+    `uncrop` puts a rendered LSP mask back: resized with nearest neighbours (PIL's, which
+    `scipy.misc.imresize` used) to SPIN's integer box, pasted where the box overlaps the image,
+    zero elsewhere."""
+    res = labels.shape[0]
+    ul, br = spin_box(center, scale, res)
+    H, W = int(image_shape[0]), int(image_shape[1])
+    out = np.zeros((H, W), np.uint8)
+    if br[0] <= ul[0] or br[1] <= ul[1]:
+        return out
+    resized = cv2.resize(np.ascontiguousarray(labels, np.uint8), (int(br[0] - ul[0]), int(br[1] - ul[1])),
+                         interpolation=cv2.INTER_NEAREST_EXACT)
+    x0, x1 = max(0, ul[0]), min(W, br[0])
+    y0, y1 = max(0, ul[1]), min(H, br[1])
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = resized[y0 - ul[1]:y1 - ul[1], x0 - ul[0]:x1 - ul[0]]
+    return out
+
+
 def to_normalized(points_px: np.ndarray, size: int) -> np.ndarray:
     """(N, 2+) crop pixels -> SPIN's [-1, 1] crop coordinates (extra columns kept)."""
     out = np.array(points_px, dtype=np.float64)
@@ -197,19 +230,30 @@ def _image_problem(data: bytes | None, uri: str | None) -> str | None:
     return None
 
 
+def _has_smpl(table: pa.Table) -> np.ndarray:
+    """(N,) rows flagged has_smpl (their pose and betas are checked with the other truth)."""
+    if "has_smpl" not in table.column_names:
+        return np.zeros(len(table), bool)
+    return np.array([bool(v) for v in table.column("has_smpl").to_pylist()], bool)
+
+
 def validate_samples(
     table: pa.Table,
     min_visible: int = DEFAULT_MIN_VISIBLE,
     source: str = "",
     check_images: bool = True,
+    labels_2d: np.ndarray | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Split a samples table into (good rows, quarantine table with one reason per bad row).
 
     A row is bad when its sample_id repeats an earlier row's, its image is missing or undecodable
     (decoding is skipped with check_images=False), its keypoints are not (49, 3) or not finite,
-    a confidence is negative, fewer than `min_visible` keypoints have confidence > 0, or a
-    ground-truth array (pose, betas, joints3d) that is present has the wrong size or non-finite
-    values. The first reason found is reported.
+    a confidence is negative, its labels are its 2D keypoints and fewer than `min_visible` of them
+    have confidence > 0, or a ground-truth array (pose, betas, joints3d) that is present has the
+    wrong size or non-finite values. The first reason found is reported.
+
+    A row's labels are its 2D keypoints unless it has ground-truth SMPL (`has_smpl`), or
+    `labels_2d` (N,) bool says otherwise (an evaluation set scored on its 3D truth).
     """
     n = len(table)
     ids = table.column("sample_id").to_pylist()
@@ -233,13 +277,15 @@ def validate_samples(
     for row in range(n):
         reasons[row] = reasons[row] or kp_reasons[row]
     ok_rows = np.array([r is None for r in reasons])
+    labelled_2d = np.ones(n, bool) if labels_2d is None else np.asarray(labels_2d, bool).copy()
+    labelled_2d &= ~_has_smpl(table)
     if ok_rows.any():
         kps = pc.list_flatten(table.column("keypoints").combine_chunks().filter(pa.array(ok_rows)))
         conf = kps.to_numpy(zero_copy_only=False).reshape(-1, NUM_KEYPOINTS, 3)[:, :, 2]
         for row, c in zip(np.flatnonzero(ok_rows), conf):
             if (c < 0).any():
                 reasons[row] = "negative keypoint confidence"
-            elif int((c > 0).sum()) < min_visible:
+            elif labelled_2d[row] and int((c > 0).sum()) < min_visible:
                 reasons[row] = f"only {int((c > 0).sum())} visible keypoints (< {min_visible})"
 
     for name in _GT_COLUMNS:

@@ -9,6 +9,7 @@ then a confidence (0 where absent).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -38,6 +39,10 @@ ARRAY_COLUMNS = frozenset(ARRAY_SHAPES)
 SAMPLES_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("dataset", pa.string(), nullable=False),
+    pa.field("imgname", pa.string()),        # the image as its source names it (relative to its root)
+    pa.field("source_row", pa.int64()),      # the person's row in the source file (SPIN's row order)
+    pa.field("protocol", pa.string()),       # evaluation protocol (trainer.data.protocols); null: from the dataset
+    pa.field("gender", pa.string()),         # 'm' / 'f' where the source says (3DPW), else null
     pa.field("image", pa.binary()),          # encoded square crop (JPEG/PNG); null when image_uri is set
     pa.field("image_uri", pa.string()),      # alternative to bytes
     pa.field("center", _fixed(2)),           # crop centre in the source image, pixels
@@ -48,8 +53,10 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("betas", _fixed(10)),
     pa.field("joints3d", _fixed(24 * 4)),    # 24 ground-truth joints in metres + confidence
     pa.field("mask", pa.binary()),           # encoded PNG foreground mask (evaluation sets)
-    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation, 0 = background
+    pa.field("part_mask", pa.binary()),      # encoded PNG 6-part segmentation (UP-3D's labels), 0 = background
 ])
+# Masks are of the stored crop, except for datasets whose protocol scores segmentation on the full
+# original image (SPIN's LSP): there they are the source's full-image PNGs, as they came.
 
 FITS_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
@@ -67,7 +74,7 @@ FITS_SCHEMA = pa.schema([
 
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string()),
-    pa.field("source", pa.string()),   # shard, file or step it came from
+    pa.field("source", pa.string()),   # the image, shard, file or step it came from
     pa.field("reason", pa.string(), nullable=False),
 ])
 
@@ -190,17 +197,33 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def shard_paths(directory: str | os.PathLike, split: str | None = None) -> list[storage.Location]:
-    """The finished parquet shards of a samples directory (temporary files ignored), sorted:
-    Paths for a local directory, URIs for a remote one.
+# A shard's file name: part-00000.parquet, or <dataset>-part-00000.parquet where several datasets
+# share a folder. Readers take only files named so: a quarantine table or anything else beside
+# the shards is never read as samples.
+SHARD_NAME = re.compile(r"^(?:(?P<dataset>.+)-)?part-(?P<index>[0-9]+)\.parquet$")
 
-    With `split`, the shards of DIR/split/ (the synthetic benchmark writes train/ and test/)."""
+
+def shard_name(index: int, dataset: str | None = None) -> str:
+    """The file name of shard `index` (of `dataset`, when a folder holds several)."""
+    return f"{dataset}-part-{index:05d}.parquet" if dataset else f"part-{index:05d}.parquet"
+
+
+def is_shard(name: str) -> bool:
+    return SHARD_NAME.match(name) is not None
+
+
+def shard_paths(directory: str | os.PathLike, split: str | None = None) -> list[storage.Location]:
+    """The finished parquet shards of a samples directory, sorted: Paths for a local directory,
+    URIs for a remote one. Only shard names count (`SHARD_NAME`); temporary files, quarantine
+    tables and sub-folders are not shards.
+
+    With `split`, the shards of DIR/split/ (a data root holds train/ and test/)."""
     directory = storage.location(directory)
     if split is not None and storage.is_dir(storage.join(directory, split)):
         directory = storage.join(directory, split)
     if not storage.is_dir(directory):
         raise BadInput(f"data directory not found: {directory}")
-    paths = [p for p in storage.list_dir(directory) if storage.basename(p).endswith(".parquet")]
+    paths = [p for p in storage.list_dir(directory) if is_shard(storage.basename(p))]
     if not paths:
         raise BadInput(f"no parquet shards in {directory}")
     return paths
@@ -214,11 +237,11 @@ def read_split(directory: str | os.PathLike, split: str | None = None, columns: 
 
 
 def write_shards(table: pa.Table, directory: str | os.PathLike, shard_size: int,
-                 prefix: str = "part") -> list[storage.Location]:
-    """Split `table` into shards of at most `shard_size` rows: DIR/part-00000.parquet, ..."""
+                 dataset: str | None = None) -> list[storage.Location]:
+    """Split `table` into shards of at most `shard_size` rows named by `shard_name`."""
     paths = []
     for index, start in enumerate(range(0, max(len(table), 1), shard_size)):
-        path = storage.join(directory, f"{prefix}-{index:05d}.parquet")
+        path = storage.join(directory, shard_name(index, dataset))
         write_table(table.slice(start, shard_size), path)
         paths.append(path)
     return paths
