@@ -324,12 +324,7 @@ def convert_to_npz(
 
 
 def _read_regressor(path: Path, key: str) -> np.ndarray:
-    if not path.is_file():
-        raise BadInput(f"{key} not found: {path}")
-    try:
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BadInput(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:160]})") from exc
+    return np.asarray(npz.read_npy(path, what=key), dtype=np.float32)
 
 
 def describe(model: BodyModel) -> dict[str, object]:

@@ -4,7 +4,7 @@ An .npz is a zip of .npy members. `np.load` allocates whatever shape a member's 
 before it reads a byte of data, and a reader that walks `data.files` decompresses every member.
 `read_npz` reads each wanted member's header first and refuses one that declares Python objects,
 more bytes than the member holds, or more than `max_bytes`; members it is not asked for are never
-decompressed.
+decompressed. `read_npy` reads a single .npy file the same way.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import numpy as np
 from numpy.lib import format as npy
@@ -28,33 +28,55 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, max_bytes: int) -> np.ndarray:
-    key = info.filename[:-len(".npy")]
-    with archive.open(info) as stream:
-        try:
-            version = npy.read_magic(stream)
-            shape, fortran_order, dtype = _HEADER_READERS[version](stream)
-        except (ValueError, KeyError) as exc:
-            raise BadInput(f"{where}: '{key}' is not an .npy array ({' '.join(str(exc).split())[:120]})") from None
-        if dtype.hasobject:
-            raise BadInput(f"{where}: '{key}' holds Python objects; only plain arrays are read")
-        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        held = info.file_size - stream.tell()
-        if declared != held:
-            raise BadInput(f"{where}: '{key}' declares {shape} {dtype} ({declared} bytes) but holds {held} bytes")
-        if declared > max_bytes:
-            raise BadInput(f"{where}: '{key}' declares {declared} bytes, more than the {max_bytes} allowed")
-        raw = np.empty(declared, dtype=np.uint8)
-        view, read = memoryview(raw), 0
-        while read < declared:
-            chunk = stream.read(min(_CHUNK, declared - read))
-            if not chunk:
-                break
-            view[read:read + len(chunk)] = chunk
-            read += len(chunk)
+def _array(stream: BinaryIO, held: int, where: str, max_bytes: int) -> np.ndarray:
+    """The .npy array in `stream`, which holds `held` bytes: its header is read and checked before
+    anything is allocated."""
+    start = stream.tell()
+    try:
+        version = npy.read_magic(stream)
+        shape, fortran_order, dtype = _HEADER_READERS[version](stream)
+    except (ValueError, KeyError) as exc:
+        raise BadInput(f"{where} is not an .npy array ({' '.join(str(exc).split())[:120]})") from None
+    if dtype.hasobject:
+        raise BadInput(f"{where} holds Python objects; only plain arrays are read")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held -= stream.tell() - start
+    if declared != held:
+        raise BadInput(f"{where} declares {shape} {dtype} ({declared} bytes) but holds {held} bytes")
+    if declared > max_bytes:
+        raise BadInput(f"{where} declares {declared} bytes, more than the {max_bytes} allowed")
+    raw = np.empty(declared, dtype=np.uint8)
+    view, read = memoryview(raw), 0
+    while read < declared:
+        chunk = stream.read(min(_CHUNK, declared - read))
+        if not chunk:
+            break
+        view[read:read + len(chunk)] = chunk
+        read += len(chunk)
     if read != declared:
-        raise BadInput(f"{where}: '{key}' ended after {read} of {declared} bytes")
+        raise BadInput(f"{where} ended after {read} of {declared} bytes")
     return raw.view(dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def _limit(max_bytes: int | None) -> int:
+    return memory_bytes() // 2 if max_bytes is None else int(max_bytes)
+
+
+def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, max_bytes: int) -> np.ndarray:
+    with archive.open(info) as stream:
+        return _array(stream, info.file_size, f"{where}: '{info.filename[:-len('.npy')]}'", max_bytes)
+
+
+def read_npy(path: str | os.PathLike, what: str = ".npy file", max_bytes: int | None = None) -> np.ndarray:
+    """The array of a user's .npy file, with read_npz's checks (objects, declared size, limit)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{what} not found: {path}")
+    try:
+        with path.open("rb") as stream:
+            return _array(stream, path.stat().st_size, str(path), _limit(max_bytes))
+    except OSError as exc:
+        raise BadInput(f"{path}: not a readable {what} ({' '.join(str(exc).split())[:160]})") from None
 
 
 def read_npz(path: str | os.PathLike, keys: Iterable[str] | None = None, what: str = ".npz file",
@@ -67,7 +89,7 @@ def read_npz(path: str | os.PathLike, keys: Iterable[str] | None = None, what: s
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{what} not found: {path}")
-    limit = memory_bytes() // 2 if max_bytes is None else int(max_bytes)
+    limit = _limit(max_bytes)
     wanted = None if keys is None else set(keys)
     try:
         with zipfile.ZipFile(path) as archive:

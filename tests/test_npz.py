@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fitting.errors import BadInput
-from fitting.npz import read_npz
+from fitting.npz import read_npy, read_npz
 from tests.test_upfront_checks import npy_declaring, npz_with, undecodable_member
 
 
@@ -57,3 +57,16 @@ def test_members_not_asked_for_are_never_decompressed(tmp_path):
     np.testing.assert_array_equal(read_npz(path, keys=["a"])["a"], np.ones(2))
     with pytest.raises(BadInput, match="not a readable"):
         read_npz(path)
+
+
+def test_a_single_npy_is_read_with_the_same_checks(tmp_path):
+    np.save(tmp_path / "r.npy", np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(read_npy(tmp_path / "r.npy"), np.arange(6.0).reshape(2, 3))
+    (tmp_path / "huge.npy").write_bytes(npy_declaring((10**12,), "<f8"))
+    with pytest.raises(BadInput, match="huge.npy declares"):
+        read_npy(tmp_path / "huge.npy")
+    np.save(tmp_path / "o.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(BadInput, match="Python objects"):
+        read_npy(tmp_path / "o.npy")
+    with pytest.raises(BadInput, match="J_regressor_h36m not found"):
+        read_npy(tmp_path / "nothing.npy", what="J_regressor_h36m")

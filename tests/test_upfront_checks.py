@@ -261,6 +261,17 @@ def test_npz_declaring_a_huge_array_is_refused(tmp_path, capsys):
     assert "imgname" in err
 
 
+@pytest.mark.fault("a `J_regressor_h36m.npy` whose header declares an 8 TB array (`body-model convert`)",
+                   "one line, exit 2, nothing allocated, nothing written")
+def test_npy_declaring_a_huge_array_is_refused(tmp_path, capsys):
+    model = body_model_file(tmp_path / "model.npz", lambda arrays: None)
+    (tmp_path / "huge.npy").write_bytes(npy_declaring((10**12,), "<f8"))
+    code, err = run_cli(["body-model", "convert", model, tmp_path / "out.npz", "--joint-regressor-h36m",
+                         tmp_path / "huge.npy"], capsys)
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert "huge.npy declares" in err and not (tmp_path / "out.npz").exists()
+
+
 @pytest.mark.fault("a body model .npz with an extra member that cannot be decompressed",
                    "the member is never decompressed: the model loads")
 def test_unknown_npz_members_are_not_decompressed(tmp_path, capsys):
