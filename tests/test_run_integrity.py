@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline import rundir
-from pipeline.cli import main
+from tests.test_upfront_checks import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"stages": [{"name": "camera", "iterations": 5}, {"name": "body", "iterations": 10}]}
@@ -34,15 +34,6 @@ def write_config(path: Path, data: Path, smplify: dict) -> Path:
     path.write_text(yaml.safe_dump({"data": str(data), "train_preset": "tiny", "train": {"steps": 4},
                                     "fit": {"batch_size": 8, "num_actors": 1, "smplify": smplify}}))
     return path
-
-
-def run_cli(argv: list, capsys) -> tuple[int, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -64,24 +64,25 @@ def write_config(path: Path, data: Path, **sections) -> Path:
 # ---------------------------------------------------------------------------- body model and prior
 
 
-def body_model_file(path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> Path:
-    from fitting.body_model import builtin_body_model_path
-
-    with np.load(builtin_body_model_path()) as data:
+def edited_copy(source: Path, path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> Path:
+    """`source`'s arrays, changed in place by `change`, saved to `path`."""
+    with np.load(source) as data:
         arrays = {k: data[k] for k in data.files}
     change(arrays)
     np.savez(path, **arrays)
     return path
+
+
+def body_model_file(path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> Path:
+    from fitting.body_model import builtin_body_model_path
+
+    return edited_copy(builtin_body_model_path(), path, change)
 
 
 def prior_file(path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> Path:
     from fitting.priors import builtin_prior_path
 
-    with np.load(builtin_prior_path()) as data:
-        arrays = {k: data[k] for k in data.files}
-    change(arrays)
-    np.savez(path, **arrays)
-    return path
+    return edited_copy(builtin_prior_path(), path, change)
 
 
 def nan_extra_regressor(arrays):
