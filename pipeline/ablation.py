@@ -44,7 +44,7 @@ from pipeline.demo import DEMO_PRESETS, ensure_benchmark
 from pipeline.lease import Lease
 from pipeline.report import headline
 from pipeline.rounds import eval_round, run_pipeline
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, finished_step
 from trainer.data.tables import fits_table, read_split, to_numpy, write_table
 from trainer.evaluate import evaluate_fits, evaluate_mean_pose
 from trainer.mean_params import load_mean_params, mean_pose_axis_angle
@@ -69,7 +69,7 @@ def arm_config(base: RunConfig, arm: str, steps: int, rounds: int) -> RunConfig:
 def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, Any]:
     """The baseline: no fits at all, keypoints and priors only."""
     if rundir.is_done(run, 0, "model"):
-        return rundir.read_success(run, 0, "model")
+        return finished_step(run, 0, "model", tracker, "train-2d-only")
     models = run_models(config)
     data = Path(config.data) / "train"
     out_dir = rundir.step_dir(run, 0, "model")

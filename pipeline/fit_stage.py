@@ -43,7 +43,7 @@ from pipeline.console import is_verbose, stderr_to
 from pipeline.lease import Lease
 from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
 from pipeline.report import step_line
-from pipeline.tracking import Tracker, step_run
+from pipeline.tracking import Tracker, finished_step, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
 from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, shard_paths, write_table
@@ -174,7 +174,7 @@ def fit_round(
     run = storage.location(run)
     out_dir = rundir.step_dir(run, round_index, "fits")
     if rundir.is_done(run, round_index, "fits") and not force:
-        return {**rundir.read_success(run, round_index, "fits"), "skipped": True}
+        return finished_step(run, round_index, "fits", tracker, f"fit-round{round_index}")
     if not config.data:
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
     shards = shard_paths(config.data, "train")
@@ -185,7 +185,7 @@ def fit_round(
         if force:
             rundir.clear_step(run, round_index, "fits")
         elif rundir.is_done(run, round_index, "fits"):  # finished by another writer meanwhile
-            return {**rundir.read_success(run, round_index, "fits"), "skipped": True}
+            return finished_step(run, round_index, "fits", tracker, f"fit-round{round_index}")
         params = {"round": round_index, **config.fit.to_dict(), "models": models}
         with step_run(tracker, f"fit-round{round_index}", params) as child:
             done = rundir.complete_shards(out_dir, expected)  # what a killed attempt already wrote in full
@@ -201,12 +201,12 @@ def fit_round(
                            shards_fitted_now=len(pending), shards=len(shards), models=models, loaded=loaded)
             if pending and not is_verbose():
                 summary["ray_log"] = str(rundir.ray_log(run))
+            if child:  # before the marker: a kill after it leaves only the child's end undone
+                tracker.log_metrics(child, summary, step=round_index)
+                tracker.log_dict(child, summary, "fits_success.json")
             lease.check()
             save_run_config(run, config)
             rundir.mark_done(run, round_index, "fits", summary)
-            if child:
-                tracker.log_metrics(child, summary, step=round_index)
-                tracker.log_dict(child, summary, "fits_success.json")
     return summary
 
 

@@ -28,7 +28,7 @@ from pipeline.evaluation import check_evaluation, evaluate_round
 from pipeline.fit_stage import fit_round
 from pipeline.lease import Lease
 from pipeline.report import format_metrics, headline, round_table, step_line
-from pipeline.tracking import Tracker, step_run
+from pipeline.tracking import Tracker, finished_step, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
 from trainer.data.datasets import rows_per_dataset
@@ -42,7 +42,7 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
                 force: bool = False) -> dict[str, Any]:
     """Train regressor N on round N's fits (resuming a killed attempt), holding the step's lease."""
     if rundir.is_done(run, round_index, "model") and not force:
-        return {**rundir.read_success(run, round_index, "model"), "skipped": True}
+        return finished_step(run, round_index, "model", tracker, f"train-round{round_index}")
     fits = rundir.read_fits(run, round_index)
     train_config = config.training
     models = run_models(config)
@@ -58,13 +58,13 @@ def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tra
                                       log_metrics=log, mix=config.mix)
             summary = {**summary, "round": round_index, "models": models}
             rundir.publish(out_dir, run, round_index, "model", summary_files(out_dir))  # before _SUCCESS.json
-            lease.check()
-            save_run_config(run, config)
-            rundir.mark_done(run, round_index, "model", summary)
-            if child:
+            if child:  # before the marker: a kill after it leaves only the child's end undone
                 # which weights the backbone started from (ImageNet or SPIN file, and its hash), and the mixing
                 tracker.log_params(child, {"backbone_weights": summary["backbone_weights"], "mix": config.mix})
                 tracker.log_dict(child, summary, "summary.json")
+            lease.check()
+            save_run_config(run, config)
+            rundir.mark_done(run, round_index, "model", summary)
     return summary
 
 
@@ -94,7 +94,7 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
                force: bool = False) -> dict[str, Any]:
     """Regressor N and fits N against ground truth; writes metrics and overlay pictures."""
     if rundir.is_done(run, round_index, "eval") and not force:
-        return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
+        return finished_step(run, round_index, "eval", tracker, f"eval-round{round_index}")
     out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
     models = run_models(config)
     check_evaluation(config, models)
@@ -102,13 +102,13 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
         with step_run(tracker, f"eval-round{round_index}", {"round": round_index, "models": models}) as child:
             metrics = evaluate_round(run, round_index, config, models, out_dir)
             rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
-            lease.check()
-            save_run_config(run, config)
-            rundir.mark_done(run, round_index, "eval", metrics)
-            if child:
+            if child:  # before the marker: a kill after it leaves only the child's end undone
                 tracker.log_metrics(child, metrics, step=round_index)
                 for png in sorted(out_dir.glob("*.png")):
                     tracker.log_artifact(child, png)
+            lease.check()
+            save_run_config(run, config)
+            rundir.mark_done(run, round_index, "eval", metrics)
     if tracker:
         tracker.log_metrics(tracker.parent_id, headline(metrics), step=round_index)
     return metrics

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 import click
 
 from fitting.errors import BadInput
+from pipeline import rundir
 from trainer.data import storage
 from trainer.data.storage import Location
 
@@ -184,6 +185,14 @@ def step_run(tracker: Tracker | None, name: str, params: dict[str, Any] | None =
         return
     with tracker.step(name, params) as child:
         yield child
+
+
+def finished_step(run: Location, round_index: int, step: str, tracker: Tracker | None, name: str) -> dict[str, Any]:
+    """A done step's summary, marked skipped. A child run of it still RUNNING belongs to an attempt
+    killed between marking the step done and ending its run: it is ended FAILED."""
+    if tracker is not None:
+        tracker.fail_unfinished(name)
+    return {**rundir.read_success(run, round_index, step), "skipped": True}
 
 
 def compare_runs(tracking_uri: str, experiment: str, run_names: Iterable[str] = ()) -> list[dict[str, Any]]:

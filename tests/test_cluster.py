@@ -163,7 +163,7 @@ def test_rendered_fit_entrypoint_runs_as_a_ray_job_with_token_authentication(tin
         with pytest.raises(AuthenticationError):
             JobSubmissionClient(head.dashboard, headers={"Authorization": "Bearer wrong"}).list_jobs()
         client = JobSubmissionClient(head.dashboard, headers={"Authorization": f"Bearer {token}"})
-        job = submit_when_ready(client, entrypoint, timeout=120)
+        job = submit_when_ready(client, entrypoint, timeout=300)
         deadline = time.monotonic() + 400
         while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import rundir
 from tests.servers import mlflow_server, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,8 @@ def test_run_against_a_tracking_server_leaves_no_run_running(tiny_benchmark, tra
         time.sleep(0.1)
     assert first.poll() is None, first.stderr.read()[-2000:]
     stop_group(first, grace=0)
+    # on a loaded machine Ray can hand back both shards at once, and the kill land after the marker
+    done_at_kill = rundir.is_done(run, 0, "fits")
     second = spin(args, cwd, env)
     _, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-3000:]
@@ -73,7 +76,11 @@ def test_run_against_a_tracking_server_leaves_no_run_running(tiny_benchmark, tra
     children = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     status = sorted((c.info.run_name, c.info.status) for c in children)
     assert parent.info.status == "FINISHED"
-    assert ("fit-round0", "FAILED") in status and ("fit-round0", "FINISHED") in status, status
+    fit_children = sorted(s for name, s in status if name == "fit-round0")
+    if done_at_kill:  # the killed attempt's child ended FINISHED, or FAILED when the kill came before its end
+        assert fit_children in (["FAILED"], ["FINISHED"]), status
+    else:
+        assert fit_children == ["FAILED", "FINISHED"], status
     assert not [c for c in children if c.info.status == "RUNNING"], status
     assert list(cwd.iterdir()) == [], "files appeared in the working directory"
     stored = [p for p in tracking_server.artifacts.rglob("*") if p.is_file()]
@@ -96,3 +103,18 @@ def test_sqlite_artifacts_stay_under_the_run_directory(tmp_path, monkeypatch):
     location = tracker.client.get_run(child).info.artifact_uri
     assert Path(location.removeprefix("file://")).resolve().is_relative_to((tmp_path / "run").resolve()), location
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.fault("a run killed after a step's `_SUCCESS.json`, before the step's MLflow child ended",
+                   "the next command that finds the step done ends that child FAILED")
+def test_a_done_step_ends_a_child_left_running(tmp_path, monkeypatch):
+    from pipeline.tracking import Tracker, finished_step
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    tracker = Tracker(run, "spin-pipeline")
+    left = tracker.child("fit-round0")
+    rundir.mark_done(run, 0, "fits", {"rows": 3})
+    summary = finished_step(run, 0, "fits", tracker, "fit-round0")
+    assert summary["skipped"] and summary["rows"] == 3
+    assert tracker.client.get_run(left).info.status == "FAILED"
