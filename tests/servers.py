@@ -196,13 +196,15 @@ def ray_head(root: Path, num_cpus: int = 2, timeout: float = 180.0) -> Iterator[
     server, as a user starts a head for `ray job submit`."""
     root.mkdir(parents=True, exist_ok=True)
     env = loopback_ray_env(new_token(root / "auth_token"))
-    gcs, dashboard, log = free_port(), free_port(), root / "head.log"
+    # the job agent's port too: Ray's fixed default (52365) is taken by any other session with an agent
+    gcs, dashboard, agent, log = free_port(), free_port(), free_port(), root / "head.log"
     # a short session folder of its own: Unix socket paths must stay under 108 characters
     temp_dir = tempfile.mkdtemp(prefix="rayhead-")
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--node-ip-address={LOOPBACK}",
              "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard}",
+             f"--dashboard-agent-listen-port={agent}",
              f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
