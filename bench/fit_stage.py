@@ -161,7 +161,7 @@ def run_child(mode: str, data: Path, actors: int, device: str = "cpu", batch: in
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--data", str(data), "--work", work,
                               "--actors", str(actors), "--device", device, "--batch-size", str(batch),
                               "--share", str(share)],
-                             capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                             capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
     # Ray may print after the result at shutdown: take the child's own line

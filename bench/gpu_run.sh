@@ -75,8 +75,8 @@ fallbacks=$(python3 bench/gpu_smoke.py fallbacks) || { echo "error: gpu_smoke.py
 [ -n "$fallbacks" ] && export PYTHONPATH=$fallbacks:$PYTHONPATH && echo "fallbacks in use: $fallbacks"
 
 # Ray local-only: no usage stats, and its node on loopback (Ray's switch for that is named
-# after Windows and macOS, where loopback is its default).
-export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled RAY_DEDUP_LOGS=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# after Windows and macOS, where loopback is its default); its token authentication stays on.
+export RAY_USAGE_STATS_ENABLED=0 RAY_DEDUP_LOGS=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 exec 3<"$STEPS"

@@ -19,7 +19,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 began=$SECONDS
 status=0
 step() { echo "== [$((SECONDS - began)) s] $*"; }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
-import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ import smplx
 import torch
 from torch import nn
 
+from fitting import npz
 from fitting.errors import BadInput
 from fitting.identity import check_identity, file_identity
 from fitting.keypoints import (
@@ -58,6 +58,11 @@ def _required_shapes(num_vertices: int) -> dict[str, tuple]:
         "kintree_table": (2, NUM_JOINTS),
         "f": (None, 3),
     }
+
+
+# what a body-model .npz may hold; other members are never read
+BODY_MODEL_KEYS = (*_required_shapes(1), "vertex_joint_ids", "J_regressor_extra", "J_regressor_h36m",
+                   "provenance", "license")
 
 
 def _shape_ok(shape: tuple, expected: tuple) -> bool:
@@ -97,10 +102,17 @@ def validate_arrays(arrays: dict[str, np.ndarray], source: str = "body model") -
             raise BadInput(f"{source}: '{key}' has shape {np.shape(arrays[key])}, expected {rows}x{V}")
         if key in arrays and not np.all(np.isfinite(np.asarray(arrays[key], dtype=np.float64))):
             raise BadInput(f"{source}: '{key}' contains NaN or Inf")
+    # linear blend skinning walks the tree in joint order: each parent must come before its child
+    parents = np.asarray(arrays["kintree_table"])[0, 1:].astype(np.int64)
+    wrong = np.flatnonzero((parents < 0) | (parents >= np.arange(1, NUM_JOINTS)))
+    if wrong.size:
+        joint = int(wrong[0]) + 1
+        raise BadInput(f"{source}: 'kintree_table' gives joint {joint} the parent {int(parents[wrong[0]])}; "
+                       f"a parent must be one of the joints 0..{joint - 1}")
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a body-model .npz without ever unpickling, and validate it."""
+    """Read a body-model .npz without ever unpickling (its known keys only), and validate it."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"body model not found: {path}")
@@ -109,11 +121,7 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             f"{path} is a pickle; convert it once with "
             f"`spin-pipeline body-model convert --allow-pickle {path} OUT.npz`"
         )
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInput(f"{path}: not a readable .npz body model ({' '.join(str(exc).split())})") from exc
+    arrays = npz.read_npz(path, BODY_MODEL_KEYS, what="body model")
     validate_arrays(arrays, source=str(path))
     return arrays
 
@@ -316,12 +324,7 @@ def convert_to_npz(
 
 
 def _read_regressor(path: Path, key: str) -> np.ndarray:
-    if not path.is_file():
-        raise BadInput(f"{key} not found: {path}")
-    try:
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float32)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BadInput(f"{path}: not a readable .npy array ({' '.join(str(exc).split())[:160]})") from exc
+    return np.asarray(npz.read_npy(path, what=key), dtype=np.float32)
 
 
 def describe(model: BodyModel) -> dict[str, object]:

@@ -7,7 +7,6 @@ Each prior also has a residual form r with prior = sum(r**2), so that a least-sq
 from __future__ import annotations
 
 import pickle
-import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 from fitting.capture_safe import constant, take
 from fitting.errors import BadInput
 from fitting.identity import check_identity, file_identity
+from fitting.npz import read_npz
 
 BODY_POSE_DIM = 69
 # Axis-angle entries of the 69-d body pose that the angle prior watches (SMPLify's choice):
@@ -196,11 +196,7 @@ def read_prior_arrays(path: str | Path, allow_pickle: bool = False) -> dict[str,
             raise BadInput(f"{path}: reading a pickle needs an explicit opt-in (--allow-pickle)")
         raw = _read_pickle(path)
     else:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                raw = {k: data[k] for k in data.files}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise BadInput(f"{path}: not a readable .npz prior ({' '.join(str(exc).split())})") from exc
+        raw = read_npz(path, ("means", "covars", "weights"), what="pose prior")
     missing = [k for k in ("means", "covars", "weights") if k not in raw]
     if missing:
         raise BadInput(f"{path}: missing key '{missing[0]}' (expected means, covars, weights)")

@@ -44,9 +44,10 @@ from pipeline.config import (
     save_config,
     yaml_settings,
 )
+from pipeline.lease import Lease
 from pipeline.report import headline
 from pipeline.rounds import eval_round, run_pipeline
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, finished_step
 from trainer.data.tables import fits_table, read_split, to_numpy, write_table
 from trainer.evaluate import evaluate_fits
 from trainer.mean_params import load_mean_params, mean_pose_axis_angle
@@ -79,15 +80,16 @@ def arm_run(out: Path, arm: str, train_seed: int) -> Path:
 def train_2d_only(run: Path, config: RunConfig, tracker: Tracker) -> dict[str, Any]:
     """The baseline: no fits at all, keypoints and priors only."""
     if rundir.is_done(run, 0, "model"):
-        return rundir.read_success(run, 0, "model")
+        return finished_step(run, 0, "model", tracker, "train-2d-only")
     models = run_models(config)
-    child = tracker.child("train-2d-only", {**config.training.to_dict(), "models": models})
     data = Path(config.data) / "train"
-    summary = train_regressor(config.training, [data], None, rundir.step_dir(run, 0, "model"),
-                              load_run_body_model(models), prior=load_run_prior(models),
-                              log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
-    rundir.mark_done(run, 0, "model", {**summary, "round": 0, "models": models})
-    tracker.finish(child)
+    out_dir = rundir.step_dir(run, 0, "model")
+    with Lease(out_dir, "round 0 model"), \
+            tracker.step("train-2d-only", {**config.training.to_dict(), "models": models}) as child:
+        summary = train_regressor(config.training, [data], None, out_dir,
+                                  load_run_body_model(models), prior=load_run_prior(models),
+                                  log_metrics=lambda m, step: tracker.log_metrics(child, m, step))
+        rundir.mark_done(run, 0, "model", {**summary, "round": 0, "models": models})
     return summary
 
 
@@ -258,8 +260,9 @@ def run_arm(out: Path, arm: str, config: RunConfig, rounds: int, train_seed: int
     tracker = Tracker(run, "ablation", uri, run_name=f"{arm} seed {train_seed}",
                       params={"arm": arm, "train_seed": train_seed, **run_params(config)})
     if arm == "2d-only":
-        train_2d_only(run, config, tracker)
-        return {"regressor": eval_round(run, 0, config, tracker)["regressor"]}
+        with tracker.active():
+            train_2d_only(run, config, tracker)
+            return {"regressor": eval_round(run, 0, config, tracker)["regressor"]}
     if shared_fits is not None and not rundir.is_done(run, 0, "fits"):
         # the round-0 fits do not depend on the training seed or the arm: fitted once, shared
         shutil.copytree(rundir.step_dir(shared_fits, 0, "fits"), rundir.step_dir(run, 0, "fits"), dirs_exist_ok=True)

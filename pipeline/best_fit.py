@@ -179,8 +179,9 @@ class BatchFitter:
     def _previous_fits(self, shard: str):
         """The previous round's best fits of one shard, indexed by sample id (cached per actor)."""
         if shard not in self._previous:
-            path = storage.join(rundir.step_dir(self.spec.run, self.spec.round_index - 1, "fits"), shard)
-            if self.spec.round_index == 0 or not storage.exists(path):
+            path = None if self.spec.round_index == 0 else \
+                storage.join(rundir.step_dir(self.spec.run, self.spec.round_index - 1, "fits"), shard)
+            if path is None or not storage.exists(path):
                 self._previous[shard] = ({}, {}, None)
             else:
                 table = read_table(path, FITS_SCHEMA)

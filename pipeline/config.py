@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +93,8 @@ class RunConfig(Settings):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise BadInput(f"rounds is {self.rounds}; a run has at least 1 round")
         # read the sections that other rooms own now: a bad setting fails before any work
         _ = self.smplify, self.training
         for key, command in (("prior", "prior"), ("body_model", "body-model")):
@@ -147,6 +150,15 @@ def load_run_prior(models: dict[str, dict[str, str]], device: str | torch.device
     return load_prior(models["prior"]["path"], device=device, sha256=models["prior"]["sha256"])
 
 
+def check_run_models(models: dict[str, dict[str, str]]) -> None:
+    """Load the run's body models and prior once, so that an invalid one is one line before any
+    worker starts (each worker loads its own)."""
+    for key in models:
+        if key.startswith("body_model"):
+            load_run_body_model(models, key=key)
+    load_run_prior(models)
+
+
 def load_config(path: str | Location | None) -> RunConfig:
     """A run YAML from a local path or a URI; None gives the defaults."""
     if path is None:
@@ -195,24 +207,37 @@ def save_config(config: RunConfig, path: str | Location) -> None:
     storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Flags > --config FILE > RUN/config.yaml > defaults; the result is written to RUN/config.yaml.
-    RUN, the data directory and FILE may be URIs."""
-    saved = storage.join(run, "config.yaml")
-    if config_path:
-        base = load_config(config_path)
-    elif storage.exists(saved):
-        base = load_config(saved)
-    else:
-        base = RunConfig()
+def save_run_config(run: Location, config: RunConfig) -> None:
+    """RUN/config.yaml: called by a step that succeeded, just before it marks itself done."""
+    save_config(config, storage.join(run, "config.yaml"))
+
+
+def resolve_config(run: Location, config_path: str | None, overrides: dict[str, Any], force: bool = False) -> RunConfig:
+    """Flags > --config FILE > RUN/config.yaml > defaults. RUN, the data directory and FILE may be
+    URIs. Nothing is written here: a command that fails leaves the run as it was, and a step that
+    succeeds records its config (`save_run_config`). Data other than the run's (RUN/config.yaml,
+    written by its earlier steps) is refused unless `force`."""
+    saved_path = storage.join(run, "config.yaml")
+    saved = load_config(saved_path) if storage.exists(saved_path) else None
+    base = load_config(config_path) if config_path else saved or RunConfig()
     config = apply_overrides(base, overrides)
     if config.data and not storage.is_dir(config.data):
         raise BadInput(f"data directory not found: {config.data}")
+    if saved is not None and saved.data and config.data and not force and not same_place(saved.data, config.data):
+        raise BadInput(f"the run {run} fits the data {saved.data}, not {config.data}: "
+                       "pass --force to redo this step with the new data")
     start = config.init_from.removeprefix("spin:")
     if start and not storage.exists(start):
         raise BadInput(f"init_from: {start} not found")
-    save_config(config, saved)
     return config
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two locations name the same folder (local paths compared resolved)."""
+    a, b = storage.location(a), storage.location(b)
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return str(a) == str(b)
 
 
 def data_dir(config: RunConfig, split: str) -> Location:

@@ -35,11 +35,20 @@ from fitting.errors import BadInput
 from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.best_fit import BatchFitter
-from pipeline.config import FIT_DEVICES, FitStageConfig, RunConfig, resolve_config, run_models
+from pipeline.config import (
+    FIT_DEVICES,
+    FitStageConfig,
+    RunConfig,
+    check_run_models,
+    resolve_config,
+    run_models,
+    save_run_config,
+)
 from pipeline.console import is_verbose, stderr_to
+from pipeline.lease import Lease
 from pipeline.ray_session import available_cpus, available_gpus, ensure_ray
 from pipeline.report import step_line
-from pipeline.rundir import committed_shards
+from pipeline.tracking import Tracker, finished_step, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
 from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, shard_paths, write_table
@@ -158,61 +167,113 @@ def make_spec(run: Location, round_index: int, config: RunConfig, device: str, t
                       columns=tuple(columns or FIT_COLUMNS), batch_size=config.fit.batch_size)
 
 
-def check_inputs(run: Location, round_index: int, shards: list[Location]) -> dict[str, Any]:
-    """Validate the round's inputs; returns each shard's parquet metadata by file name (read once)."""
-    names = [storage.basename(p) for p in shards]
-    if len(set(names)) != len(names):
-        raise BadInput("sample shards must have unique file names")
+def fit_columns(round_index: int) -> list[str]:
+    """What the actors read from a shard: round N >= 1 also predicts from the images."""
+    return FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
+
+
+def check_inputs(run: Location, round_index: int, shards: list[Location], columns: list[str]) -> dict[str, int]:
+    """Everything about the round's inputs that can be known before Ray starts; returns each
+    shard's row count by file name.
+
+    The previous round is done (round N >= 1); shard file names are unique; every shard has the
+    first one's columns, among them sample_id and keypoints; every page of the columns the actors
+    read decodes (a footer can be intact over a corrupt page); sample ids are present and unique
+    across shards."""
     if round_index > 0:
         for step in ("fits", "model"):
             if not rundir.is_done(run, round_index - 1, step):
                 raise BadInput(f"round {round_index} needs round {round_index - 1}'s {step} step first")
-    metadata = {}
+    names = [storage.basename(p) for p in shards]
+    if len(set(names)) != len(names):
+        raise BadInput("sample shards must have unique file names")
+    rows, owners = {}, {}
+    first: list[str] | None = None
     for path, name in zip(shards, names):
         try:
-            metadata[name] = storage.parquet_metadata(path)
+            present = storage.parquet_metadata(path).schema.to_arrow_schema().names
         except Exception as exc:  # noqa: BLE001 - any parquet failure is a corrupt input
             raise BadInput(f"{path}: corrupt parquet file ({' '.join(str(exc).split())[:160]})") from exc
-    return metadata
+        first = first or present
+        if set(present) != set(first):
+            raise BadInput(f"{path}: its columns differ from {names[0]}'s (missing {sorted(set(first) - set(present))}, "
+                           f"extra {sorted(set(present) - set(first))})")
+        for required in ("sample_id", "keypoints"):
+            if required not in present:
+                raise BadInput(f"{path}: no '{required}' column")
+        table = _read_pages(path, [c for c in columns if c in present])
+        ids = table.column("sample_id")
+        if ids.null_count:
+            raise BadInput(f"{path}: {ids.null_count} rows without a sample_id")
+        for sample_id in ids.to_pylist():
+            if sample_id in owners:
+                raise BadInput(f"{path}: duplicate sample_id {sample_id!r} (also in {owners[sample_id]})")
+            owners[sample_id] = name
+        rows[name] = len(table)
+    return rows
+
+
+def _read_pages(path: Location, columns: list[str]) -> pa.Table:
+    try:
+        return storage.read_parquet(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise BadInput(f"{path}: corrupt parquet file ({' '.join(str(exc).split())[:160]})") from exc
 
 
 def fit_round(
     run: Location, round_index: int, config: RunConfig, ray_address: str | None = None,
-    force: bool = False, progress: bool = True,
+    force: bool = False, progress: bool = True, tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) fit round `round_index`; a finished round is a no-op unless `force`."""
+    """Run (or resume) fit round `round_index`; a finished round is a no-op unless `force`.
+    Holds the step's lease while it writes; marks the round done only when every input shard has
+    all its rows."""
     run = storage.location(run)
     out_dir = rundir.step_dir(run, round_index, "fits")
     if rundir.is_done(run, round_index, "fits") and not force:
-        return {**rundir.read_success(run, round_index, "fits"), "skipped": True}
-    if force:
-        storage.delete_dir(out_dir)
+        return finished_step(run, round_index, "fits", tracker, f"fit-round{round_index}")
     if not config.data:
         raise BadInput("no data directory: pass --data DIR or set `data` in the config")
     shards = shard_paths(config.data, "train")
-    metadata = check_inputs(run, round_index, shards)
+    expected = check_inputs(run, round_index, shards, fit_columns(round_index))
     models = run_models(config)
-    committed = set(committed_shards(out_dir))  # one listing: what a killed round already wrote
-    pending = [p for p in shards if storage.basename(p) not in committed]
-    start = time.perf_counter()
-    notes: dict[str, Any] = {"loaded": []}
-    if pending:
-        notes = _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress)
-    summary = summarize(out_dir, shards)
-    summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
-                   shards_fitted_now=len(pending), shards=len(shards), models=models, **notes)
-    if pending and not is_verbose():
-        summary["ray_log"] = str(rundir.ray_log(run))
-    rundir.mark_done(run, round_index, "fits", summary)
+    check_run_models(models)
+    with Lease(out_dir, f"round {round_index} fits") as lease:
+        if force:
+            rundir.clear_step(run, round_index, "fits")
+        elif rundir.is_done(run, round_index, "fits"):  # finished by another writer meanwhile
+            return finished_step(run, round_index, "fits", tracker, f"fit-round{round_index}")
+        params = {"round": round_index, **config.fit.to_dict(), "models": models}
+        with step_run(tracker, f"fit-round{round_index}", params) as child:
+            done = rundir.complete_shards(out_dir, expected)  # what a killed attempt already wrote in full
+            pending = [p for p in shards if storage.basename(p) not in done]
+            start = time.perf_counter()
+            notes: dict[str, Any] = {"loaded": []}
+            if pending:
+                notes = _fit_shards(run, round_index, config, models, pending, expected, out_dir, ray_address,
+                                    progress, lease)
+            rundir.check_complete(out_dir, expected)
+            summary = summarize(out_dir, shards)
+            summary.update(round=round_index, seconds=round(time.perf_counter() - start, 2),
+                           shards_fitted_now=len(pending), shards=len(shards), models=models, **notes)
+            if pending and not is_verbose():
+                summary["ray_log"] = str(rundir.ray_log(run))
+            if child:  # before the marker: a kill after it leaves only the child's end undone
+                tracker.log_metrics(child, summary, step=round_index)
+                tracker.log_params(child, device_params(summary))
+                tracker.log_dict(child, summary, "fits_success.json")
+            lease.check()
+            save_run_config(run, config)
+            rundir.mark_done(run, round_index, "fits", summary)
     return summary
 
 
-def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ray_address, progress) -> dict[str, Any]:
+def _fit_shards(run, round_index, config, models, pending, expected, out_dir, ray_address, progress,
+                lease) -> dict[str, Any]:
     """Fit the pending shards on Ray; returns the round's notes (RoundNotes.summary): the device
     plan, and what each actor loaded and fitted on."""
-    expected = {storage.basename(p): metadata[storage.basename(p)].num_rows for p in pending}
+    expected = {storage.basename(p): expected[storage.basename(p)] for p in pending}
     for name in [n for n, rows in expected.items() if rows == 0]:  # nothing to fit, and no row would commit it
-        write_table(FITS_SCHEMA.empty_table(), storage.join(out_dir, name))
+        commit_shard(out_dir, name, FITS_SCHEMA.empty_table(), lease)
     pending = [p for p in pending if expected[storage.basename(p)] > 0]
     if not pending:
         return {"loaded": []}
@@ -223,9 +284,8 @@ def _fit_shards(run, round_index, config, models, pending, metadata, out_dir, ra
         print(f"fit round {round_index} plan: {plan.line()}", file=console, flush=True)
         with tqdm(total=sum(expected[storage.basename(p)] for p in pending), desc=f"fit round {round_index}",
                   unit="fit", file=console, disable=None if progress else True, leave=False) as bar:
-            notes = _run_actor_pool(run, round_index, config, models, plan, pending, metadata, expected, out_dir, bar)
-    done = set(committed_shards(out_dir))
-    missing = sorted(n for n in expected if n not in done)
+            notes = _run_actor_pool(run, round_index, config, models, plan, pending, expected, out_dir, bar, lease)
+    missing = sorted(set(expected) - rundir.complete_shards(out_dir, expected))
     if missing:
         raise RuntimeError(f"fit round {round_index}: shards not completed: {missing}")
     return notes.summary(plan)
@@ -268,8 +328,8 @@ def actor_bad_input(exc: BaseException) -> str | None:
     return found[-1].strip() if found else None
 
 
-def _run_actor_pool(run, round_index, config, models, plan: DevicePlan, pending, metadata, expected, out_dir,
-                    bar: tqdm) -> RoundNotes:
+def _run_actor_pool(run, round_index, config, models, plan: DevicePlan, pending, expected, out_dir,
+                    bar: tqdm, lease: Lease) -> RoundNotes:
     """Fit the pending shards on an actor pool and commit each shard as soon as all its rows are
     back; the bar counts the fits. Returns what the actors reported."""
     import ray  # here, not at the top: Ray reads its environment at import, which ensure_ray sets
@@ -277,9 +337,9 @@ def _run_actor_pool(run, round_index, config, models, plan: DevicePlan, pending,
     # Whole CPUs only: an actor running more torch threads than the CPUs it holds competes with
     # the driver and raylet (measured by bench/fit_stage.py: 2 threads on 2 cores ran slower than 1).
     threads = max(1, int(plan.cpus_per_actor))
-    columns = FIT_COLUMNS + (["image", "image_uri"] if round_index > 0 else [])
-    present = set(metadata[storage.basename(pending[0])].schema.to_arrow_schema().names)
-    spec = make_spec(run, round_index, config, plan.device, threads, [c for c in columns if c in present], models)
+    present = set(storage.parquet_metadata(pending[0]).schema.to_arrow_schema().names)
+    spec = make_spec(run, round_index, config, plan.device, threads,
+                     [c for c in fit_columns(round_index) if c in present], models)
     ds = ray.data.from_items([{"path": str(p)} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         ShardFitter, fn_constructor_kwargs={"spec": spec}, batch_size=1,
@@ -296,7 +356,7 @@ def _run_actor_pool(run, round_index, config, models, plan: DevicePlan, pending,
                 buffers[name].append(part)
                 counts[name] += len(part)
                 if counts[name] == expected[name]:
-                    commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)))
+                    commit_shard(out_dir, name, pa.concat_tables(buffers.pop(name)), lease)
                     bar.update(counts[name])
     except Exception as exc:  # noqa: BLE001 - only an actor's BadInput becomes one here
         message = actor_bad_input(exc)
@@ -311,11 +371,14 @@ def split_by_shard(block: pa.Table) -> list[tuple[str, pa.Table]]:
     return [(name, block.filter(pa.array(names == name))) for name in dict.fromkeys(names.tolist())]
 
 
-def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
-    """Quarantine first, then the fits file: its existence is what marks the shard done. Both are
-    atomic (a rename locally, one PUT on an object store)."""
-    reasons = rows.column("reason").to_pylist()
-    bad = np.array([r is not None for r in reasons])
+def commit_shard(out_dir: Location, name: str, rows: pa.Table, lease: Lease) -> None:
+    """Quarantine first, then the fits file: the two together account for every input row of the
+    shard, which is what marks it done. Both are atomic (a rename locally, one PUT on an object
+    store); a quarantine file left by an earlier attempt goes when this one has none."""
+    lease.check()
+    reasons = rows.column("reason").to_pylist() if len(rows) else []
+    bad = np.array([r is not None for r in reasons], dtype=bool)
+    quarantine = storage.join(out_dir, "quarantine", name)
     if bad.any():
         quarantined = rows.filter(pa.array(bad))
         table = pa.table({
@@ -323,8 +386,10 @@ def commit_shard(out_dir: Location, name: str, rows: pa.Table) -> None:
             "source": pa.array([name] * len(quarantined)),
             "reason": quarantined.column("reason"),
         }, schema=QUARANTINE_SCHEMA)
-        write_table(table, storage.join(out_dir, "quarantine", name))
-    fits = rows.filter(pa.array(~bad)).select(FITS_SCHEMA.names).cast(FITS_SCHEMA)
+        write_table(table, quarantine)
+    else:
+        storage.delete(quarantine)
+    fits = rows.filter(pa.array(~bad)).select(FITS_SCHEMA.names).cast(FITS_SCHEMA) if len(rows) else FITS_SCHEMA.empty_table()
     write_table(fits, storage.join(out_dir, name))
 
 
@@ -351,10 +416,10 @@ def per_dataset(sample_ids: list[str], valid: np.ndarray, quarantined: list[str]
 
 
 def summarize(out_dir: Location, shards: list[Location]) -> dict[str, Any]:
-    done = set(committed_shards(out_dir))
-    names = [storage.basename(p) for p in shards]
+    """Counts, acceptance and losses of a complete fits folder (see rundir.check_complete), also per
+    dataset of the input shards."""
     columns = ["sample_id", "loss", "valid", "betas_ok", "found_in_round", "init"]
-    tables = [storage.read_parquet(storage.join(out_dir, n), columns=columns) for n in names if n in done]
+    tables = [storage.read_parquet(storage.join(out_dir, storage.basename(p)), columns=columns) for p in shards]
     table = pa.concat_tables(tables) if tables else None
     quarantine = rundir.read_quarantine(out_dir)
     summary: dict[str, Any] = {"rows": 0, "quarantined": len(quarantine)}
@@ -406,6 +471,6 @@ def fit(round_index, data, run_dir, config_path, ray_address, batch_size, num_ac
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "fit.batch_size": batch_size,
                                                "fit.num_actors": num_actors, "fit.gpus_per_actor": gpus_per_actor,
-                                               "fit.device": device, "fit.solver": solver})
+                                               "fit.device": device, "fit.solver": solver}, force=force)
     summary = fit_round(run, round_index, config, ray_address=ray_address, force=force)
     click.echo(step_line("fit", round_index, summary))

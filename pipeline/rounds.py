@@ -5,6 +5,7 @@ and `eval` commands.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,17 +15,20 @@ from fitting.solvers import SOLVERS
 from pipeline import rundir
 from pipeline.config import (
     RunConfig,
+    check_run_models,
     data_dir,
     load_run_body_model,
     load_run_prior,
     resolve_config,
     run_models,
     run_params,
+    save_run_config,
 )
 from pipeline.evaluation import check_evaluation, evaluate_round
-from pipeline.fit_stage import device_params, fit_round
+from pipeline.fit_stage import fit_round
+from pipeline.lease import Lease
 from pipeline.report import format_metrics, headline, round_table, step_line
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, finished_step, step_run
 from trainer.data import storage
 from trainer.data.storage import Location
 from trainer.data.datasets import rows_per_dataset
@@ -36,29 +40,37 @@ from trainer.train_config import TRAIN_PRESETS
 
 def train_round(run: Location, round_index: int, config: RunConfig, tracker: Tracker | None = None,
                 force: bool = False) -> dict[str, Any]:
-    out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
+    """Train regressor N on round N's fits (resuming a killed attempt), holding the step's lease."""
     if rundir.is_done(run, round_index, "model") and not force:
-        return {**rundir.read_success(run, round_index, "model"), "skipped": True}
-    rundir.clear_success(run, round_index, "model")
+        return finished_step(run, round_index, "model", tracker, f"train-round{round_index}")
     fits = rundir.read_fits(run, round_index)
     train_config = config.training
     models = run_models(config)
     init = start_of(run, round_index, config)
-    child = (tracker.child(f"train-round{round_index}", {"round": round_index, **train_config.to_dict(), "models": models})
-             if tracker else None)
-    log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if tracker else None
-    summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
-                              load_run_body_model(models), init_from=init, prior=load_run_prior(models),
-                              log_metrics=log, mix=config.mix)
-    summary = {**summary, "round": round_index, "models": models}
-    rundir.publish(out_dir, run, round_index, "model", ["checkpoint.pt"])  # before _SUCCESS.json
-    rundir.mark_done(run, round_index, "model", summary)
-    if tracker:
-        # which weights the backbone started from (ImageNet or SPIN file, and its hash), and the mixing
-        tracker.log_params(child, {"backbone_weights": summary["backbone_weights"], "mix": config.mix})
-        tracker.log_dict(child, summary, "summary.json")
-        tracker.finish(child)
+    out_dir = rundir.staging_dir(run, round_index, "model")  # a run on an object store trains locally
+    with Lease(rundir.step_dir(run, round_index, "model"), f"round {round_index} model") as lease:
+        rundir.clear_success(run, round_index, "model")
+        params = {"round": round_index, **train_config.to_dict(), "models": models}
+        with step_run(tracker, f"train-round{round_index}", params) as child:
+            log = (lambda metrics, step: tracker.log_metrics(child, metrics, step)) if child else None
+            summary = train_regressor(train_config, [data_dir(config, "train")], fits, out_dir,
+                                      load_run_body_model(models), init_from=init, prior=load_run_prior(models),
+                                      log_metrics=log, mix=config.mix)
+            summary = {**summary, "round": round_index, "models": models}
+            rundir.publish(out_dir, run, round_index, "model", summary_files(out_dir))  # before _SUCCESS.json
+            if child:  # before the marker: a kill after it leaves only the child's end undone
+                # which weights the backbone started from (ImageNet or SPIN file, and its hash), and the mixing
+                tracker.log_params(child, {"backbone_weights": summary["backbone_weights"], "mix": config.mix})
+                tracker.log_dict(child, summary, "summary.json")
+            lease.check()
+            save_run_config(run, config)
+            rundir.mark_done(run, round_index, "model", summary)
     return summary
+
+
+def summary_files(out_dir: Path) -> list[str]:
+    """The files of a finished training step that the run keeps."""
+    return [name for name in ("checkpoint.pt", "quarantine.parquet") if (out_dir / name).exists()]
 
 
 def start_of(run: Location, round_index: int, config: RunConfig) -> str | None:
@@ -82,55 +94,54 @@ def eval_round(run: Location, round_index: int, config: RunConfig, tracker: Trac
                force: bool = False) -> dict[str, Any]:
     """Regressor N and fits N against ground truth; writes metrics and overlay pictures."""
     if rundir.is_done(run, round_index, "eval") and not force:
-        return {**rundir.read_success(run, round_index, "eval"), "skipped": True}
+        return finished_step(run, round_index, "eval", tracker, f"eval-round{round_index}")
     out_dir = rundir.staging_dir(run, round_index, "eval")  # pictures are drawn locally, then uploaded
     models = run_models(config)
     check_evaluation(config, models)
-    child = tracker.child(f"eval-round{round_index}", {"round": round_index, "models": models}) if tracker else None
-    metrics = evaluate_round(run, round_index, config, models, out_dir)
-    rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
-    rundir.mark_done(run, round_index, "eval", metrics)
+    with Lease(rundir.step_dir(run, round_index, "eval"), f"round {round_index} eval") as lease:
+        with step_run(tracker, f"eval-round{round_index}", {"round": round_index, "models": models}) as child:
+            metrics = evaluate_round(run, round_index, config, models, out_dir)
+            rundir.publish(out_dir, run, round_index, "eval", sorted(p.name for p in out_dir.glob("*.png")))
+            if child:  # before the marker: a kill after it leaves only the child's end undone
+                tracker.log_metrics(child, metrics, step=round_index)
+                for png in sorted(out_dir.glob("*.png")):
+                    tracker.log_artifact(child, png)
+            lease.check()
+            save_run_config(run, config)
+            rundir.mark_done(run, round_index, "eval", metrics)
     if tracker:
-        tracker.log_metrics(child, metrics, step=round_index)
-        for png in sorted(out_dir.glob("*.png")):
-            tracker.log_artifact(child, png)
-        tracker.finish(child)
         tracker.log_metrics(tracker.parent_id, headline(metrics), step=round_index)
     return metrics
 
 
 def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str | None = None,
                  force: bool = False, progress: bool = True, tracker: Tracker | None = None) -> list[dict[str, Any]]:
-    """Fit and train (and evaluate) round after round, skipping finished steps; one line per step."""
+    """Fit and train (and evaluate) round after round, skipping finished steps; one line per step.
+    Everything that can be checked is checked before round 0. The MLflow parent run is RUNNING while
+    this runs and FINISHED (or FAILED) when it returns (or raises)."""
     if config.mix:
         check_mix(config)
     models = run_models(config)
+    check_run_models(models)
     check_evaluation(config, models)  # a test split the body model cannot score fails here, not after round 0
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
                                  params=run_params(config))
     results = []
-    for r in range(rounds):
-        start = time.perf_counter()
-        if rundir.is_done(run, r, "fits") and not force:
-            fit_summary = rundir.read_success(run, r, "fits")
-            click.echo(step_line("fit", r, {"skipped": True}))
-        else:
-            child = tracker.child(f"fit-round{r}", {"round": r, **config.fit.__dict__, "models": models})
-            fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress)
-            tracker.log_metrics(child, fit_summary, step=r)
-            tracker.log_params(child, device_params(fit_summary))
-            tracker.log_dict(child, fit_summary, "fits_success.json")
-            tracker.finish(child)
+    with tracker.active():
+        for r in range(rounds):
+            start = time.perf_counter()
+            fit_summary = fit_round(run, r, config, ray_address=ray_address, force=force, progress=progress,
+                                    tracker=tracker)
             click.echo(step_line("fit", r, fit_summary))
-        train_summary = train_round(run, r, config, tracker, force=force)
-        click.echo(step_line("train", r, train_summary))
-        row = {"round": r, "fit": fit_summary, "train": train_summary}
-        if config.evaluate:
-            row["eval"] = eval_round(run, r, config, tracker, force=force)
-            click.echo(step_line("eval", r, row["eval"]))
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        results.append(row)
-    tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
+            train_summary = train_round(run, r, config, tracker, force=force)
+            click.echo(step_line("train", r, train_summary))
+            row = {"round": r, "fit": fit_summary, "train": train_summary}
+            if config.evaluate:
+                row["eval"] = eval_round(run, r, config, tracker, force=force)
+                click.echo(step_line("eval", r, row["eval"]))
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            results.append(row)
+        tracker.log_metrics(tracker.parent_id, {"rounds_done": rounds}, step=rounds - 1)
     return results
 
 
@@ -163,7 +174,7 @@ def train(round_index, data, run_dir, config_path, preset, steps, device, init_f
     """
     run = storage.location(run_dir)
     config = resolve_config(run, config_path, {"data": data, "train_preset": preset, "train.steps": steps,
-                                               "train.device": device, "init_from": init_from})
+                                               "train.device": device, "init_from": init_from}, force=force)
     if not rundir.is_done(run, round_index, "fits"):
         raise BadInput(f"round {round_index} has no finished fits in {run}: run `spin-pipeline fit --round {round_index}` first")
     tracker = Tracker(run, config.tracking.experiment, config.tracking.tracking_uri, params=run_params(config))
@@ -185,7 +196,7 @@ def run(rounds, data, run_dir, config_path, ray_address, preset, solver, init_fr
     _SUCCESS.json; logs a parent MLflow run with a child per step."""
     path = storage.location(run_dir)
     config = resolve_config(path, config_path, {"data": data, "rounds": rounds, "train_preset": preset,
-                                                "fit.solver": solver, "init_from": init_from})
+                                                "fit.solver": solver, "init_from": init_from}, force=force)
     results = run_pipeline(path, config, config.rounds, ray_address=ray_address, force=force)
     click.echo(round_table(results))
 
@@ -199,6 +210,6 @@ def evaluate(round_index, data, run_dir, config_path, force):
     split, and the 3D error of round N's fits against the held-out truth. Writes
     RUN/round=N/eval/_SUCCESS.json and overlay PNGs."""
     run = storage.location(run_dir)
-    config = resolve_config(run, config_path, {"data": data})
+    config = resolve_config(run, config_path, {"data": data}, force=force)
     metrics = eval_round(run, round_index, config, None, force=force)
     click.echo(format_metrics(metrics))

@@ -4,13 +4,16 @@
     RUN/round=N/fits/part-XXXXX.parquet  best fits after round N, one file per input shard
                                          (named as the shard: <dataset>-part-XXXXX.parquet)
     RUN/round=N/fits/quarantine/...      samples that could not be fitted, with reasons
-    RUN/round=N/fits/_SUCCESS.json       written last
+    RUN/round=N/fits/_SUCCESS.json       written last, once every input shard has all its rows
     RUN/round=N/model/checkpoint.pt      regressor N
+    RUN/round=N/model/quarantine.parquet samples whose images could not be read in training
     RUN/round=N/model/_SUCCESS.json
     RUN/round=N/eval/_SUCCESS.json       metrics of regressor N and fits N on the test split
+    RUN/round=N/STEP/_LEASE.json         the writer of an unfinished step (pipeline.lease)
     RUN/logs/ray.log                     what Ray printed during the fit rounds (without --verbose)
 
-A step is done when its _SUCCESS.json exists; readers ignore a round without one.
+A step is done when its _SUCCESS.json exists; readers ignore a round without one. RUN/config.yaml
+is written by a step that succeeds, just before its _SUCCESS.json.
 RUN is a local path or a URI (s3://bucket/runs/exp1): see trainer.data.storage.
 """
 from __future__ import annotations
@@ -30,12 +33,15 @@ from trainer.data.tables import FITS_SCHEMA, QUARANTINE_SCHEMA, concat, is_shard
 
 STEPS = ("fits", "model", "eval")
 SUCCESS = "_SUCCESS.json"
+LEASE = "_LEASE.json"
 
 
 def step_dir(run: Location, round_index: int, step: str) -> Location:
     """RUN/round=N/step: a Path for a local run, a URI for a remote one."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step}")
+    if round_index < 0:
+        raise BadInput(f"round {round_index}: rounds are numbered from 0")
     return storage.join(run, f"round={round_index}", step)
 
 
@@ -86,6 +92,18 @@ def clear_success(run: Location, round_index: int, step: str) -> None:
     storage.delete(storage.join(step_dir(run, round_index, step), SUCCESS))
 
 
+def clear_step(run: Location, round_index: int, step: str) -> None:
+    """Everything a step wrote, its _SUCCESS.json first (so that readers drop it at once); the
+    lease of the writer that redoes it stays."""
+    clear_success(run, round_index, step)
+    folder = step_dir(run, round_index, step)
+    for path in storage.list_dir(folder):
+        if storage.basename(path) != LEASE:
+            storage.delete(path)
+    for path in storage.list_dir(folder, kind="dir"):
+        storage.delete_dir(path)
+
+
 def finished_rounds(run: Location, step: str) -> list[int]:
     rounds = []
     for child in storage.list_dir(run, kind="dir"):
@@ -114,8 +132,36 @@ def code_version() -> str:
 
 
 def committed_shards(out_dir: Location) -> list[str]:
-    """Names of the shards whose fits file exists (a finished shard)."""
+    """Names of the shards whose fits file exists."""
     return [storage.basename(p) for p in storage.list_dir(out_dir) if is_shard(storage.basename(p))]
+
+
+def shard_rows(out_dir: Location) -> dict[str, int]:
+    """Rows of each fits file in a fits folder, plus its quarantined rows, by shard name (read from
+    the files' footers)."""
+    rows = {name: storage.parquet_metadata(storage.join(out_dir, name)).num_rows for name in committed_shards(out_dir)}
+    for path in storage.list_dir(storage.join(out_dir, "quarantine")):
+        name = storage.basename(path)
+        if name in rows:
+            rows[name] += storage.parquet_metadata(path).num_rows
+    return rows
+
+
+def complete_shards(out_dir: Location, expected: dict[str, int]) -> set[str]:
+    """The input shards (name -> input rows) whose fits and quarantined rows add up to their input:
+    a fits file with other counts (left by a writer of other data, or cut short) is not done."""
+    return {name for name, rows in shard_rows(out_dir).items() if expected.get(name) == rows}
+
+
+def check_complete(out_dir: Location, expected: dict[str, int]) -> None:
+    """RuntimeError unless every input shard, and nothing else, is complete in `out_dir`."""
+    found = shard_rows(out_dir)
+    wrong = sorted(n for n, rows in expected.items() if found.get(n) != rows)
+    extra = sorted(set(found) - set(expected))
+    if wrong or extra:
+        detail = [f"{n}: {found.get(n, 'no file')} of {expected[n]} rows" for n in wrong[:5]]
+        detail += [f"{n}: not an input shard" for n in extra[:5]]
+        raise RuntimeError(f"{out_dir} is incomplete, so it is not marked done: {'; '.join(detail)}")
 
 
 def read_fits(run: Location, round_index: int) -> pa.Table:

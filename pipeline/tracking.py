@@ -1,8 +1,14 @@
 """MLflow tracking: one parent run per pipeline run, one child run per step, metrics by round.
 
 Uses MlflowClient with explicit run ids (no global active-run stack), so a resumed pipeline
-appends to the same parent run. SQLite under the run directory by default; MLFLOW_TRACKING_URI
-(or the config) points at a team server, which a run on an object store needs: SQLite cannot live there.
+appends to the same parent run. SQLite under the run directory by default, with the artifacts
+beside it (RUN/mlartifacts); MLFLOW_TRACKING_URI (or the config) points at a team server, which
+keeps the artifacts in its own store, and which a run on an object store needs: SQLite cannot live
+there.
+
+Every run ends: the parent FINISHED when `run` ends (FAILED if it raised), a step's child FINISHED
+or FAILED with its step. A child that a killed attempt left RUNNING is marked FAILED when its step
+starts again, under the step's lease, so it is never a live writer's.
 mlflow is imported where it is used: it takes seconds, and commands that do not track skip it.
 """
 from __future__ import annotations
@@ -12,12 +18,14 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import click
 
 from fitting.errors import BadInput
+from pipeline import rundir
 from trainer.data import storage
 from trainer.data.storage import Location
 
@@ -36,6 +44,14 @@ def resolve_tracking_uri(run: Location | None, configured: str = "") -> str:
                        "set MLFLOW_TRACKING_URI (or tracking.tracking_uri in the config) to an MLflow server")
     Path(run).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(run).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's file (MLflow would
+    choose $CWD/mlruns), or where a tracking server puts them (None)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -74,7 +90,8 @@ class Tracker:
         self.uri = resolve_tracking_uri(self.run_dir, tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else \
+            self.client.create_experiment(experiment, artifact_location=artifact_location(self.uri))
         id_file = storage.join(self.run_dir, PARENT_ID_FILE)
         self.parent_id = storage.read_text(id_file).strip() if storage.is_file(id_file) else ""
         if not self.parent_id or not self._exists(self.parent_id):
@@ -92,6 +109,41 @@ class Tracker:
             return True
         except Exception:  # noqa: BLE001 - a stale id from another tracking store
             return False
+
+    @contextmanager
+    def active(self) -> Iterator["Tracker"]:
+        """The parent run is RUNNING while the block runs (again, when a run resumes), FINISHED
+        after it, FAILED when it raises (KILLED on Ctrl-C)."""
+        self.client.update_run(self.parent_id, status="RUNNING")
+        with self._ending(self.parent_id):
+            yield self
+
+    @contextmanager
+    def step(self, name: str, params: dict[str, Any] | None = None) -> Iterator[str]:
+        """A child run for one step, ended with the step. Call it holding the step's lease."""
+        self.fail_unfinished(name)
+        child = self.child(name, params)
+        with self._ending(child):
+            yield child
+
+    @contextmanager
+    def _ending(self, run_id: str) -> Iterator[None]:
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.finish(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.finish(run_id, "FAILED")
+            raise
+        self.finish(run_id)
+
+    def fail_unfinished(self, name: str) -> None:
+        """Children for step `name` still RUNNING: left by attempts that were killed."""
+        query = (f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`spin.step` = '{name}' "
+                 "and attributes.status = 'RUNNING'")
+        for run in self.client.search_runs([self.experiment_id], filter_string=query):
+            self.finish(run.info.run_id, "FAILED")
 
     def child(self, name: str, params: dict[str, Any] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name,
@@ -123,6 +175,24 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+
+@contextmanager
+def step_run(tracker: Tracker | None, name: str, params: dict[str, Any] | None = None) -> Iterator[str | None]:
+    """`tracker.step(name, params)`, or nothing (None) without a tracker."""
+    if tracker is None:
+        yield None
+        return
+    with tracker.step(name, params) as child:
+        yield child
+
+
+def finished_step(run: Location, round_index: int, step: str, tracker: Tracker | None, name: str) -> dict[str, Any]:
+    """A done step's summary, marked skipped. A child run of it still RUNNING belongs to an attempt
+    killed between marking the step done and ending its run: it is ended FAILED."""
+    if tracker is not None:
+        tracker.fail_unfinished(name)
+    return {**rundir.read_success(run, round_index, step), "skipped": True}
 
 
 def compare_runs(tracking_uri: str, experiment: str, run_names: Iterable[str] = ()) -> list[dict[str, Any]]:

@@ -5,8 +5,14 @@ import os
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tests import Ray while they are collected, before any session starts; Ray reads at import whether
+# a session stays on this machine, which pipeline.ray_session sets for the CLI (and refuses a local
+# session that would listen beyond loopback).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+# the `fault` marker and `--fault-table FILE`, which writes docs/reliability.md's table
+pytest_plugins = ("tests.fault_table",)
 
 
 @pytest.fixture(scope="session")

@@ -154,6 +154,7 @@ def test_builtin_posing_does_not_tear(builtin):
 # ---------------------------------------------------------------------- official .pkl layout
 
 @pytest.mark.parametrize("protocol", [2, 4])  # 2: as official files re-saved by Python 3
+@pytest.mark.fault("an SMPL `.pkl` without `--allow-pickle`", "refused, nothing written")
 def test_official_pickle_converts_only_with_opt_in(tmp_path, capsys, protocol):
     arrays = make_toy_smpl(num_vertices=6890, seed=2)
     pkl = tmp_path / "SMPL_NEUTRAL.pkl"
@@ -176,6 +177,7 @@ def test_official_pickle_converts_only_with_opt_in(tmp_path, capsys, protocol):
         assert torch.isfinite(model(0.2 * torch.ones(1, 72), torch.ones(1, 10)).keypoints).all()
 
 
+@pytest.mark.fault("a pickle that references code, even with the opt-in", "refused")
 def test_pickle_with_foreign_code_is_refused(tmp_path, capsys):
     pkl = tmp_path / "evil.pkl"
     with open(pkl, "wb") as fh:
@@ -202,6 +204,7 @@ def _bad(arrays, key):
     ("missing", "missing key 'weights'"), ("shape", "'J_regressor' has shape"), ("nan", "NaN or Inf"),
 ])
 @pytest.mark.parametrize("command", ["info", "show", "convert"])
+@pytest.mark.fault("a body model with a missing key, a wrong shape or NaN", "one-line error, exit 2")
 def test_bad_models_give_one_line(tmp_path, capsys, fault, message, command):
     path = tmp_path / "model.npz"
     np.savez(path, **_bad(make_toy_smpl(num_vertices=6890, seed=3), fault))
@@ -211,6 +214,7 @@ def test_bad_models_give_one_line(tmp_path, capsys, fault, message, command):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and err.startswith("error:")
 
 
+@pytest.mark.fault("a missing or corrupt body model file", "one-line error, exit 2")
 def test_missing_and_corrupt_files(tmp_path, capsys):
     code, _, err = run_cli(["body-model", "info", str(tmp_path / "nope.npz")], capsys)
     assert code == 2 and "not found" in err

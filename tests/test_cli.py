@@ -56,6 +56,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["ablation", "--out", "{tmp}/abl", "--train", "bach_size=64"], "config.train: unknown key 'bach_size'"),
     (["ablation", "--out", "{tmp}/abl", "--train", "augment=[0.5"], "not valid YAML"),
 ])
+@pytest.mark.fault("a missing data folder, body model or run folder; no finished fits; a bad `--train` setting",
+                   "one-line error, exit 2")
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2, result.stderr

@@ -22,6 +22,7 @@ def test_config_round_trip_and_overrides(tmp_path):
     ("fit: [1, 2]\n", "expected a mapping"),
     ("rounds: [\n", "not valid YAML"),
 ])
+@pytest.mark.fault("a config with an unknown key, a wrong type, invalid YAML", "one-line error")
 def test_bad_config_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -29,17 +30,20 @@ def test_bad_config_is_one_clear_error(tmp_path, text, message):
         load_config(path)
 
 
+@pytest.mark.fault("a missing config file", "one-line error")
 def test_missing_config_file(tmp_path):
     with pytest.raises(BadInput, match="config not found"):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.fault("a new fit with a higher, NaN or infinite loss", "the old best fit stays")
 def test_keep_new_never_makes_a_best_fit_worse():
     new = np.array([1.0, 5.0, np.nan, 3.0, np.inf, 2.0])
     old = np.array([2.0, 4.0, 1.0, np.nan, 1.0, 2.0])
     assert keep_new(new, old).tolist() == [True, False, False, True, False, False]
 
 
+@pytest.mark.fault("a round with no `_SUCCESS.json`", "ignored by readers")
 def test_success_markers(tmp_path):
     assert not is_done(tmp_path, 0, "fits")
     mark_done(tmp_path, 0, "fits", {"rows": 3})
@@ -65,6 +69,7 @@ def test_previous_fits_of_a_batch_spanning_two_shards():
     assert old["loss"].tolist() == [2.0, 4.0, 1.0, 3.0]
 
 
+@pytest.mark.fault("an unknown loss weight", "one-line error")
 def test_a_runs_own_loss_weight_keeps_the_presets_others():
     base = RunConfig.from_dict({"train_preset": "small"})
     assert base.training.weights.keypoints == 0.5 and base.training.seed == base.seed

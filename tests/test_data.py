@@ -125,6 +125,8 @@ def test_crop_moves_pixels_and_keypoints_together():
     np.testing.assert_allclose(from_normalized(kp, size)[0, :2], [x, y])
 
 
+@pytest.mark.fault("undecodable or missing image, NaN/Inf keypoints, too few visible keypoints, wrong shape, duplicate id",
+                   "each quarantined with its own reason")
 def test_validate_samples_quarantines_each_problem():
     n = 8
     images = [encode_image(_image(seed=i)) for i in range(n)]
@@ -195,6 +197,8 @@ def _spin_dataset(root: Path):
     return root / "toy_spin.npz", arrays
 
 
+@pytest.mark.fault("ingest: missing or corrupt images, NaN keypoints",
+                   "rows quarantined with reasons, the rest written")
 def test_ingest_spin_npz(tmp_path, capsys):
     npz, arrays = _spin_dataset(tmp_path / "src")
     out = tmp_path / "out"
@@ -229,6 +233,8 @@ def test_ingest_spin_npz(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "object", "no_imgname", "bad_shape"])
+@pytest.mark.fault("ingest: a broken zip, object arrays, no `imgname`, wrong shapes",
+                   "one-line error, exit 2, no traceback")
 def test_ingest_bad_npz_is_one_line_error(tmp_path, capsys, kind):
     path = tmp_path / "d.npz"
     good = {"imgname": np.array(["a.png"]), "center": np.zeros((1, 2)), "scale": np.ones(1)}
@@ -356,6 +362,7 @@ def test_synth_split_layout(synth_dir):
     assert len(np.unique(part_mask)) >= 4
 
 
+@pytest.mark.fault("`data synth` into an existing folder", "refused unless `--overwrite`")
 def test_synth_refuses_to_overwrite(synth_dir, capsys):
     code, _, err = _run_cli(["data", "synth", "--out", str(synth_dir), "--preset", "tiny"], capsys)
     assert code == 2 and "--overwrite" in err

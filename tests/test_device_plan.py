@@ -155,7 +155,7 @@ def test_an_actor_that_finds_no_cuda_device_fails_the_round_in_one_line(tiny_ben
     data = tmp_path / "data"
     shutil.copytree(tiny_benchmark, data)
     run = tmp_path / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([sys.executable, "-c", ACTOR_WITHOUT_CUDA, "fit", "--round", "0", "--data", str(data),
                            "--run", str(run), "--device", "cuda", "--batch-size", "32"],
                           capture_output=True, text=True, timeout=600, env=env)

@@ -223,6 +223,7 @@ def test_lm_caps_its_steps():
 @pytest.mark.parametrize("options, message", [
     ({"damping": 0.0}, "damping > 0"), ({"ftol": -1.0}, "ftol >= 0"), ({"max_iterations": -2}, "max_iterations"),
 ])
+@pytest.mark.fault("bad LM options", "one-line error")
 def test_lm_rejects_bad_options(options, message):
     with pytest.raises(BadInput, match=message):
         LMSettings.from_options(options)
@@ -252,6 +253,8 @@ def test_lm_fits_at_least_as_well_as_adam(human, prior):
     assert (fast.loss < init_loss).all()
 
 
+@pytest.mark.fault("bad samples inside a SMPLify batch (NaN keypoints, non-finite init, no keypoints)",
+                   "flagged with a reason; the rest fit as if alone; the caller's tensors unchanged")
 def test_lm_flags_bad_samples_fits_the_rest_as_if_alone_and_keeps_inputs(human, prior):
     pose, betas, cam_t, _, kp = people(human, 5, seed=6)
     kp[1, 7, 0] = float("nan")

@@ -242,6 +242,8 @@ def test_the_validator_rejects_what_the_api_server_would(rayjob_validator):
     (["--kind", "fit", "--round", "0", "--", "--no-such-option"], "does not parse"),
     (["--kind", "fit", "--round", "0", "--", "--solver", "newton"], "does not parse"),
 ])
+@pytest.mark.fault("a cluster manifest with a local path, a SQLite tracking URI off a volume, options that do not parse",
+                   "one-line error, exit 2")
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     base = {"--image": "img:1", "--data": "s3://b/samples", "--run": "s3://b/runs/x", "--mlflow-uri": "http://mlflow:5000"}
     missing = [a for key, value in base.items() if key not in args for a in (key, value)]

@@ -47,6 +47,10 @@ def copy_with_bad_sample(src: Path, dst: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.fault("a finished step run again", "skipped")
+@pytest.mark.fault("a new fit with a higher loss than the best fit, over two real rounds", "the old best fit stays")
+@pytest.mark.fault("a sample with non-finite keypoints in a shard; a shard with no rows",
+                   "the sample quarantined with its reason, an empty fits file for the empty shard, the round finishes")
 def test_two_rounds_end_to_end(tiny_benchmark, tmp_path):
     import mlflow
 
@@ -119,6 +123,8 @@ def split_shards(src: Path, dst: Path, small: int, rows_per_small: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.fault("a fit round's process group killed (SIGKILL) after some shards",
+                   "the rerun fits only the missing shards; committed shards keep their files; the result equals an uninterrupted round")
 def test_killed_fit_round_resumes_without_redoing_shards(tiny_benchmark, tmp_path):
     data = tmp_path / "data"
     split_shards(tiny_benchmark, data, small=4, rows_per_small=8)
@@ -164,6 +170,7 @@ def test_killed_fit_round_resumes_without_redoing_shards(tiny_benchmark, tmp_pat
         np.testing.assert_allclose(to_numpy(a, name), to_numpy(b, name), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.fault("a corrupt parquet shard", "one-line error, exit 2")
 def test_corrupt_shard_is_one_clear_error(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "train" / "part-00000.parquet").write_bytes(b"PAR1 not really")

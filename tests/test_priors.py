@@ -96,6 +96,7 @@ def _save_pickle(path, arrays, protocol=2):
 
 
 @pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.fault("a prior `.pkl` without the opt-in", "refused")
 def test_load_npz_and_opt_in_pickle(tmp_path, builtin, protocol):
     arrays = builtin.to_arrays()
     np.savez(tmp_path / "gmm_08.npz", **arrays)
@@ -113,6 +114,7 @@ class _Sneaky:
         return (os.getcwd, ())
 
 
+@pytest.mark.fault("a pickle that references code, even with the opt-in", "refused")
 def test_pickle_with_foreign_objects_is_refused(tmp_path):
     _save_pickle(tmp_path / "evil.pkl", {"means": _Sneaky(), "covars": 0, "weights": 0})
     with pytest.raises(BadInput, match="refusing to unpickle"):
@@ -129,6 +131,8 @@ def test_pickle_with_foreign_objects_is_refused(tmp_path):
     (lambda a: a.update(covars=-a["covars"]), "positive definite"),
     (lambda a: a.update(weights=np.where(np.arange(8) == 2, np.nan, a["weights"])), "NaN"),
 ])
+@pytest.mark.fault("a prior with a missing key, wrong dimensions, a covariance that is not positive definite, NaN",
+                   "one-line error")
 def test_bad_prior_files(tmp_path, builtin, change, message):
     arrays = builtin.to_arrays()
     change(arrays)
@@ -137,6 +141,7 @@ def test_bad_prior_files(tmp_path, builtin, change, message):
         load_prior(tmp_path / "bad.npz")
 
 
+@pytest.mark.fault("a missing or corrupt prior file", "one-line error")
 def test_unreadable_or_missing_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(BadInput, match="not a readable"):

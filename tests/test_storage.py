@@ -139,6 +139,7 @@ def test_tables_and_shards_through_uris(s3):
 
 
 @pytest.mark.parametrize("remote", [False, True])
+@pytest.mark.fault("a write that fails, locally or on `s3://`", "no file or object left; an existing one untouched")
 def test_failed_writes_leave_nothing(s3, tmp_path, remote):
     """A table that cannot be serialized, or text that cannot be written, leaves no object or file,
     and an existing one untouched."""
@@ -156,8 +157,10 @@ def test_failed_writes_leave_nothing(s3, tmp_path, remote):
     assert names == ["keep.json"]
 
 
+@pytest.mark.fault("a round with no `_SUCCESS.json`, on `s3://`",
+                   "ignored by readers; the config is written only when a step succeeds")
 def test_success_markers_and_config_on_s3(s3, tmp_path):
-    from pipeline.config import resolve_config
+    from pipeline.config import resolve_config, save_run_config
 
     assert not rundir.is_done(s3, 0, "fits")
     rundir.mark_done(s3, 0, "fits", {"rows": 3})
@@ -169,12 +172,16 @@ def test_success_markers_and_config_on_s3(s3, tmp_path):
 
     (tmp_path / "data" / "train").mkdir(parents=True)
     config = resolve_config(s3, None, {"data": str(tmp_path / "data"), "rounds": 5})
+    assert not storage.exists(storage.join(s3, "config.yaml")), "written before a step succeeded"
+    save_run_config(s3, config)
     assert "rounds: 5" in storage.read_text(storage.join(s3, "config.yaml"))
     assert resolve_config(s3, None, {}).rounds == 5 and config.data == str(tmp_path / "data")
     with pytest.raises(BadInput, match="data directory not found"):
         resolve_config(s3, None, {"data": storage.join(s3, "no-data")})
 
 
+@pytest.mark.fault("a URI run without `MLFLOW_TRACKING_URI`",
+                   "one-line error, exit 2, nothing written; with it, a resumed run appends to its parent run")
 def test_uri_run_needs_a_tracking_server(s3, tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
     from pipeline.tracking import PARENT_ID_FILE, Tracker
@@ -187,7 +194,7 @@ def test_uri_run_needs_a_tracking_server(s3, tmp_path, monkeypatch, capsys):
                              "--data", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "MLFLOW_TRACKING_URI" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "rounds: 1" in storage.read_text(storage.join(s3, "config.yaml"))  # the CLI reached s3:// first
+    assert not storage.exists(storage.join(s3, "config.yaml")), "a failed command wrote the config"
 
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--run", s3])
@@ -203,6 +210,8 @@ FAST_SMPLIFY = {"stages": [{"name": "camera", "iterations": 10}, {"name": "body"
 
 
 @pytest.mark.slow
+@pytest.mark.fault("a fit round on `s3://` that lost one shard's fits object and its marker",
+                   "the rerun redoes that shard only; a marked row in a kept shard survives")
 def test_fit_and_train_with_the_run_on_s3(s3, tiny_benchmark):
     """Fit round 0 and train regressor 0 into s3://; then a round that lost one shard's fits object
     redoes only that shard, reading the samples from s3:// as well."""

@@ -112,6 +112,8 @@ def _kill_at(step_to_die: int):
     return log
 
 
+@pytest.mark.fault("training stopped between checkpoints (an exception from the metrics callback)",
+                   "the rerun resumes from `last.pt` and ends with the uninterrupted run's weights")
 def test_resume_gives_the_uninterrupted_weights(body, data, tmp_path):
     root, fits = data
     config = _config(steps=8, checkpoint_every=3, log_every=1)
@@ -126,6 +128,7 @@ def test_resume_gives_the_uninterrupted_weights(body, data, tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
 
+@pytest.mark.fault("training resumed with other settings", "one-line error, nothing mixed")
 def test_resume_refuses_a_different_configuration(body, data, tmp_path):
     root, fits = data
     with pytest.raises(_Killed):
@@ -139,6 +142,7 @@ class _Payload:
     """Something a plain torch.load would happily unpickle."""
 
 
+@pytest.mark.fault("a checkpoint holding arbitrary objects; a missing checkpoint", "refused with one line")
 def test_load_regressor_uses_weights_only(body, data, tmp_path):
     root, fits = data
     train_regressor(_config(steps=2), [root], fits, tmp_path / "model", body_model=body)

@@ -17,7 +17,7 @@ memory, a whole batch at a time, augmented in torch (a pure function of (seed, s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -43,7 +43,7 @@ from trainer.augment import (
     sample_params,
 )
 from trainer.data.samples import decode_image, read_image_file, validate_samples
-from trainer.data.tables import SAMPLES_SCHEMA, concat, read_split, to_numpy
+from trainer.data.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, make_table, read_split, to_numpy
 
 
 def read_samples(samples_dirs: Sequence[str | Path], split: str | None = "train") -> pa.Table:
@@ -145,6 +145,18 @@ class SamplesDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    def unreadable(self, rows: Iterable[int], source: str) -> pa.Table:
+        """Quarantine rows for those of `rows` whose image cannot be read, with the reason. The
+        images are read again here: a loader worker reports only that a row was unusable."""
+        ids, reasons = [], []
+        for row in sorted(set(rows)):
+            try:
+                load_image(self.images[row].as_py(), self.uris[row])
+            except BadInput as exc:
+                ids.append(self.sample_ids[row])
+                reasons.append(f"unreadable image: {exc}")
+        return make_table({"sample_id": ids, "source": [source] * len(ids), "reason": reasons}, QUARANTINE_SCHEMA)
 
     def params_for(self, key: int) -> AugParams:
         if self.augment is None:

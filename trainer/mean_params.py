@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sys
-import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import roma
 import torch
 
 from fitting.errors import BadInput
+from fitting.npz import read_npz
 from fitting.geometry import pose_to_rotmat, rotmat_to_pose, rotmat_to_sixd, sixd_to_rotmat
 from fitting.pose_sampler import sample_body_poses
 
@@ -85,13 +85,7 @@ def save_mean_params(params: dict[str, np.ndarray], path: str | Path) -> None:
 def load_mean_params(path: str | Path | None = None) -> dict[str, np.ndarray]:
     """The built-in mean parameters (path None) or a user's smpl_mean_params.npz, validated."""
     path = builtin_mean_params_path() if path is None else Path(path)
-    if not path.is_file():
-        raise BadInput(f"mean params not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            params = {k: np.asarray(data[k]) for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInput(f"{path}: not a readable mean-params .npz ({' '.join(str(exc).split())[:160]})") from exc
+    params = read_npz(path, MEAN_PARAM_SHAPES, what="mean params")
     validate_mean_params(params, source=str(path))
     return {k: params[k].astype(np.float32).reshape(MEAN_PARAM_SHAPES[k]) for k in MEAN_PARAM_SHAPES}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,7 +27,7 @@ from fitting.body_model import BodyModel
 from fitting.errors import BadInput
 from fitting.priors import GMMPrior
 from trainer.data.storage import atomic_local
-from trainer.data.tables import SAMPLES_SCHEMA, conform, to_numpy
+from trainer.data.tables import QUARANTINE_SCHEMA, SAMPLES_SCHEMA, concat, conform, to_numpy, write_table
 from trainer.dataset import (
     KeypointBatches,
     MixedBatchSampler,
@@ -221,15 +222,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _resume(last: Path, config: TrainConfig, mix: dict[str, float], regressor: Regressor,
-            optimizer: torch.optim.Optimizer, device: torch.device) -> int:
-    """Load last.pt into the regressor, the optimizer and the RNG; returns its step."""
+            optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, set[int]]:
+    """Load last.pt into the regressor, the optimizer and the RNG; returns its step and the rows
+    whose images could not be read so far."""
     state = read_checkpoint(last, device)
     if _comparable(state["train_config"]) != _comparable(config.to_dict()) or state.get("mix", {}) != mix:
         raise BadInput(f"{last} belongs to a run with other settings; remove it or train into another folder")
     regressor.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), set(state.get("unreadable", []))
 
 
 def train_regressor(
@@ -281,7 +283,7 @@ def train_regressor(
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
     last = out_dir / "last.pt"
     mix = dict(mix or {})
-    start = _resume(last, config, mix, regressor, optimizer, device) if last.is_file() else 0
+    start, unreadable = _resume(last, config, mix, regressor, optimizer, device) if last.is_file() else (0, set())
 
     names, counts = np.unique(dataset.datasets, return_counts=True)
     probabilities = mixing_probabilities(dict(zip(names.tolist(), counts.tolist())), mix)
@@ -303,6 +305,7 @@ def train_regressor(
     with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step", leave=False) as bar:
         for batch in loader:
             values = train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
+            unreadable.update(batch["row"][~batch["usable"]].tolist())
             np.add.at(drawn, batch["row"].numpy(), 1)
             step += 1
             images += len(batch["row"])
@@ -322,15 +325,17 @@ def train_regressor(
                 meter.epoch = {}
             if step % config.checkpoint_every == 0 and not done:
                 save_checkpoint(_payload(regressor, config, step, optimizer=optimizer.state_dict(), rng=_rng_state(),
-                                         mix=mix, backbone_weights=started_from), last)
+                                         mix=mix, backbone_weights=started_from, unreadable=sorted(unreadable)), last)
     seconds = time.perf_counter() - started
     identity = getattr(body_model, "identity", None) or body_identity
+    quarantine = quarantine_table(dataset, unreadable, out_dir)
     summary = {
         "steps": step, "trained_steps": step - start, "resumed_from": start or None,
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
         "input": regressor.eats, "loss_body": type(body_model).__name__,
-        "samples": len(dataset), "quarantined": len(dataset.quarantine) if dataset.quarantine is not None else 0,
+        "samples": len(dataset), "quarantined": len(quarantine),
+        "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
         "fitted_samples": int(dataset.targets["fit_valid"].sum()),
         "backbone": config.backbone, "backbone_weights": started_from,
         "init_from": str(init_from) if init_from else None, "device": str(device), "mode": config.mode,
@@ -345,6 +350,19 @@ def train_regressor(
     if last.exists():
         last.unlink()
     return summary
+
+
+def quarantine_table(dataset: SamplesDataset, unreadable: set[int], out_dir: Path) -> pa.Table:
+    """The samples that did not train, with their reasons: invalid rows, and rows whose image could
+    not be read when a batch needed it. Written to OUT/quarantine.parquet when there are any."""
+    tables = [t for t in (dataset.quarantine, dataset.unreadable(unreadable, "train")) if t is not None]
+    quarantine = concat(tables, QUARANTINE_SCHEMA)
+    path = out_dir / "quarantine.parquet"
+    if len(quarantine):
+        write_table(quarantine, path)
+    elif path.exists():  # an earlier training's
+        path.unlink()
+    return quarantine
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ SPIN's files hold, per person: `imgname` (relative to the dataset's image folder
 ground-truth-convention keypoints in source pixels with visibility, `openpose` (25, 3)
 detections, `S` (24, 4) 3D joints, `pose` (72), `shape` (10), `has_smpl`, `gender`, and for
 evaluation sets `maskname` / `partname`. Every key but imgname, center and scale may be missing.
-The file is read with allow_pickle=False: object arrays are refused.
+The file is read by fitting.npz: object arrays, and arrays larger than the file holds, are refused.
 
 Every source row ends up either a sample (in ROOT/<split>/<dataset>-part-XXXXX.parquet) or a
 quarantined row with its reason (ROOT/_quarantine/<split>/<dataset>.parquet); shards are written
@@ -21,7 +21,6 @@ import hashlib
 import os
 import shutil
 import time
-import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from fitting.errors import BadInput
+from fitting.npz import read_npz
 from trainer.data.samples import (
     DEFAULT_MIN_VISIBLE,
     crop_square,
@@ -57,28 +57,12 @@ SPIN_KEYS: dict[str, tuple[int, ...] | None] = {
 _REQUIRED = ("imgname", "center", "scale")
 
 
-def _load_key(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
-    try:
-        return data[key]
-    except ValueError as exc:
-        raise BadInput(f"{path}: key '{key}' holds Python objects; only plain arrays are read ({exc})") from None
-
-
 def read_spin_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """The known keys of a SPIN dataset .npz, shape-checked; unknown keys are ignored.
-    BadInput (one line) for a missing, unreadable or malformed file."""
+    """The known keys of a SPIN dataset .npz, shape-checked; unknown keys are never decompressed.
+    BadInput (one line) for a missing, unreadable or malformed file, or one that declares arrays
+    larger than it holds."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"dataset file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise BadInput(f"{path}: a single array, not a SPIN dataset .npz")
-            arrays = {k: _load_key(data, k, path) for k in data.files if k in SPIN_KEYS}
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInput(f"{path}: not a readable .npz file ({' '.join(str(exc).split())[:200]})") from None
-    except ValueError as exc:
-        raise BadInput(f"{path}: not a readable .npz file ({' '.join(str(exc).split())[:200]})") from None
+    arrays = read_npz(path, SPIN_KEYS, what="SPIN dataset .npz")
     for key in _REQUIRED:
         if key not in arrays:
             raise BadInput(f"{path}: missing key '{key}'")
@@ -144,6 +128,15 @@ def _label_image(path: Path, center: np.ndarray, scale: float, size: int, binary
     return encode_mask(label > 0 if binary else label)
 
 
+def under(root: Path, name: str, what: str = "image") -> Path:
+    """The file `name` names inside `root` (--images or --masks); a name that leaves it (an
+    absolute path, `..`) is refused, so a dataset file never makes ingest read elsewhere."""
+    path = Path(os.path.normpath(root / name))
+    if Path(name).is_absolute() or not path.is_relative_to(os.path.normpath(root)):
+        raise BadInput(f"{what} path outside its folder: {name}")
+    return path
+
+
 def ingest_row(index: int, arrays: dict[str, np.ndarray], keypoints: np.ndarray, roots: Roots,
                img_size: int) -> IngestRow:
     """Crop one person's image and transform its keypoints; a missing or undecodable image (or
@@ -154,13 +147,13 @@ def ingest_row(index: int, arrays: dict[str, np.ndarray], keypoints: np.ndarray,
     if not np.all(np.isfinite(center)) or not np.isfinite(scale) or scale <= 0:
         return IngestRow(index, reason=f"bad crop box (center {center.tolist()}, scale {scale})")
     try:
-        image = read_image_file(roots.images / name)
+        image = read_image_file(under(roots.images, name))
         crop, transform = crop_square(image, center, scale, img_size)
         columns = {"image": encode_image(crop), "center": center, "scale": scale}
         for key, column in (("maskname", "mask"), ("partname", "part_mask")):
             if key in arrays and str(arrays[key][index]):
-                columns[column] = _label_image(roots.masks / str(arrays[key][index]), center, scale, img_size,
-                                               binary=column == "mask", full=roots.full_masks)
+                columns[column] = _label_image(under(roots.masks, str(arrays[key][index]), column), center, scale,
+                                               img_size, binary=column == "mask", full=roots.full_masks)
     except BadInput as exc:
         return IngestRow(index, reason=str(exc).replace(str(roots.images) + "/", "").replace(str(roots.masks) + "/", ""))
     kp = to_normalized(transform_points(keypoints[index], transform), img_size)
