@@ -58,8 +58,9 @@ def main() -> None:
     config = RunConfig.from_dict({
         "data": args.data,
         "fit": {"batch_size": 16, "num_actors": 2, "cpus_per_actor": 1,
-                "smplify": {"stages": [{"name": "camera", "iterations": 20, "solver": "adam"},
-                                       {"name": "body", "iterations": 40, "solver": "adam"}]}},
+                # a shard must take seconds, so that the node is removed while one is being fitted
+                "smplify": {"stages": [{"name": "camera", "iterations": 50, "solver": "adam"},
+                                       {"name": "body", "iterations": 600, "solver": "adam"}]}},
     })
     start = time.monotonic()
     # the head holds one actor, the worker node the other
@@ -73,7 +74,7 @@ def main() -> None:
         if actor is None:
             events["removed"] = False
             return
-        time.sleep(1.0)  # well inside the shard: it takes seconds
+        time.sleep(0.5)  # inside the shard: it takes seconds
         events["committed_before_removal"] = len(list(fits_dir.glob("part-*.parquet")))
         events["actor_cpu_seconds"] = round(sum(actor.cpu_times()[:2]), 1)
         cluster.remove_node(worker, allow_graceful=False)
