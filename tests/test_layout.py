@@ -189,3 +189,11 @@ def test_ci_calls_the_readme_test_command():
     test_command = next(c for c in readme_commands() if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci.splitlines()
+
+
+def test_the_readme_stays_a_front_door():
+    """At most 200 lines, the two commands first: the rest belongs in docs/."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail to docs/"
+    first, second = readme_commands()[:2]
+    assert "spin-pipeline demo" in first and "pytest" in second
