@@ -61,8 +61,13 @@ class SmplifyConfig(Settings):
     # with fixed shapes and no host synchronisation; 'graph' records the static fit once per batch
     # size as a CUDA graph and replays it. 'auto': 'dynamic' on a CPU; on a GPU 'graph' where the
     # fit can be recorded (every stage 'lm', forward 'keypoints') and replayed (a Smplify kept for
-    # many batches, not a one-off `fit`), else 'static'.
+    # many batches, not a one-off `fit`), else 'static'; see also graph_batch_max.
     mode: str = "auto"
+    # On a GPU in mode 'auto', a batch of more than this many samples runs 'dynamic' instead of the
+    # graph: there the work, not the kernel launches, sets the time, and the fixed-shape fit works
+    # on every sample to the last step. On an H200 (bench/results/smplify_h200.json) 'dynamic' fit
+    # 1.8-2.0x the graph's rate at 16384 and 2.6-3.2x at 65536; the graph 1.3-1.9x dynamic's at 4096.
+    graph_batch_max: int = 8192
     # On a GPU in mode 'auto', a batch of at most this many samples is fitted on the CPU (mode
     # 'dynamic'; FitResult.device says so): a GPU fit is thousands of small kernels, about as long
     # for one sample as for hundreds, while a CPU's time grows with the batch. 0: never.
@@ -76,8 +81,10 @@ class SmplifyConfig(Settings):
             raise BadInput(f"'forward' must be one of {', '.join(FORWARDS)}, got {self.forward!r}")
         if self.mode not in MODES:
             raise BadInput(f"'mode' must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if isinstance(self.cpu_batch_max, bool) or not isinstance(self.cpu_batch_max, (int, np.integer)):
-            raise BadInput(f"'cpu_batch_max' must be an integer >= 0, got {self.cpu_batch_max!r}")
+        for name in ("cpu_batch_max", "graph_batch_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise BadInput(f"'{name}' must be an integer >= 0, got {value!r}")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name not in ("stages", "forward", "mode") and not (np.isfinite(value) and value >= 0):
@@ -256,6 +263,14 @@ def resolve_mode(config: SmplifyConfig, device: torch.device, reuse: bool = True
     return config.mode
 
 
+def mode_for_batch(config: SmplifyConfig, mode: str, batch: int) -> str:
+    """The mode for a batch of `batch` samples of a fitter whose mode resolved to `mode`:
+    'dynamic' for a graph's batch larger than config.graph_batch_max in mode 'auto'."""
+    if mode == "graph" and config.mode == "auto" and batch > config.graph_batch_max:
+        return "dynamic"
+    return mode
+
+
 class Smplify:
     """Fits with one body model, prior and configuration: `Smplify(model, prior, config)(keypoints_px,
     init)` -> FitResult, as `fit`. It keeps what the fits of many batches share: the keypoint body,
@@ -279,11 +294,16 @@ class Smplify:
         if self.routes_to_cpu(check_keypoints(keypoints_px).shape[0]):
             return self._fit_on_cpu(keypoints_px, init)
         inputs, reasons = self.screen(keypoints_px, init)
-        if self.graphs is not None:
+        mode = self.batch_mode(inputs["bad"].shape[0])
+        if mode == "graph":
             out = self.graphs(inputs, self.stand_in)
         else:
-            out = self.fit_screened(inputs)
-        return FitResult(**out, reasons=reasons, mode=self.mode, device=self.device.type)
+            out = self.fit_screened(inputs, fixed_shapes=mode != "dynamic")
+        return FitResult(**out, reasons=reasons, mode=mode, device=self.device.type)
+
+    def batch_mode(self, batch: int) -> str:
+        """How this fitter fits a batch of `batch` samples on its device."""
+        return mode_for_batch(self.config, self.mode, batch)
 
     def routes_to_cpu(self, batch: int) -> bool:
         """Whether a batch of `batch` samples is fitted on the CPU (see SmplifyConfig.cpu_batch_max)."""
@@ -322,10 +342,12 @@ class Smplify:
         }
         return inputs, reasons
 
-    def fit_screened(self, inputs: Tensors) -> Tensors:
+    def fit_screened(self, inputs: Tensors, fixed_shapes: bool | None = None) -> Tensors:
         """The fit of screened inputs ((B, 49, 3) keypoints, each parameter's start, (B,) bad) ->
-        FitResult's tensors. With mode 'static' or 'graph' it reads nothing back to the host,
-        and it is what a CUDA graph records."""
+        FitResult's tensors. With fixed shapes (default: unless the fitter's mode is 'dynamic') it
+        reads nothing back to the host, and it is what a CUDA graph records."""
+        if fixed_shapes is None:
+            fixed_shapes = self.mode != "dynamic"
         config, kp, bad = self.config, inputs["keypoints"], inputs["bad"]
         start = {k: inputs[k] for k in PARAMETERS}
         params = dict(start)
@@ -336,7 +358,7 @@ class Smplify:
             system = _stage_system(stage, self.body, self.prior, kp, confidence, start["cam_t"], params, config,
                                    self.jacobian)
             problem = StageProblem(params, stage.optimize, residuals, ~bad, system, LOCAL_ROTATIONS,
-                                   fixed_shapes=self.mode != "dynamic")
+                                   fixed_shapes=fixed_shapes)
             result = get_solver(stage.solver)(problem, stage)
             params = {k: result.params[k].detach() for k in PARAMETERS}
             iterations = iterations + result.iterations

@@ -10,7 +10,7 @@ from fitting.body_model import load_body_model
 from fitting.errors import BadInput
 from fitting.fit_graph import padded_size
 from fitting.lm import LMSettings, levenberg_marquardt, levenberg_marquardt_static
-from fitting.smplify import FitInit, Smplify, SmplifyConfig, fit, resolve_mode
+from fitting.smplify import FitInit, Smplify, SmplifyConfig, fit, mode_for_batch, resolve_mode
 from tests.host_sync import HostSync, NoHostSync
 from tests.test_fast_smplify import human, one_thread, people, prior  # noqa: F401 - fixtures
 
@@ -131,6 +131,13 @@ def test_the_mode_is_a_setting_resolved_per_device_and_recorded(human, prior):
         SmplifyConfig(mode="fast")
     with pytest.raises(BadInput, match="cpu_batch_max"):
         SmplifyConfig(cpu_batch_max=1.5)
+    with pytest.raises(BadInput, match="graph_batch_max"):
+        SmplifyConfig(graph_batch_max=-1)
+    # In 'auto' a graph serves batches up to graph_batch_max; larger ones run 'dynamic'.
+    auto, graph = SmplifyConfig(graph_batch_max=8192), SmplifyConfig(mode="graph")
+    assert [mode_for_batch(auto, "graph", b) for b in (64, 8192, 8193)] == ["graph", "graph", "dynamic"]
+    assert mode_for_batch(graph, "graph", 65536) == "graph"
+    assert [mode_for_batch(auto, mode, 65536) for mode in ("static", "dynamic")] == ["static", "dynamic"]
     config = SmplifyConfig.from_dict(SmplifyConfig(mode="static", cpu_batch_max=4).to_dict())
     assert (config.mode, config.cpu_batch_max) == ("static", 4)
     kp = people(human, 2, seed=7)[-1]
@@ -206,3 +213,13 @@ def test_a_single_sample_on_a_gpu_is_fitted_on_the_cpu_and_says_so(gpu_model, pr
     assert (two.mode, two.device) == ("graph", "cuda")
     torch.testing.assert_close(one.loss, two.loss[:1], atol=2e-2, rtol=2e-2)
     assert not Smplify(gpu_model, prior, SmplifyConfig(cpu_batch_max=0)).routes_to_cpu(1)
+
+
+@cuda
+def test_a_large_batch_on_a_gpu_runs_dynamic_and_says_so(gpu_model, prior, human):
+    kp = people(human, 6, seed=7)[-1].cuda()
+    smplify = Smplify(gpu_model, prior, SmplifyConfig(graph_batch_max=4))
+    small, large = smplify(kp[:4]), smplify(kp)
+    assert (small.mode, large.mode, large.device) == ("graph", "dynamic", "cuda")
+    assert smplify.graphs.recorded == 1   # the large batch recorded nothing
+    torch.testing.assert_close(small.loss, large.loss[:4], atol=1e-3, rtol=1e-3)
