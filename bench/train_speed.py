@@ -9,13 +9,14 @@ size in a temporary folder.
 The keypoints backbone has no loader: its rows are the whole training step as the trainer takes
 it (gather and augment a batch of keypoints, forward, SPIN's losses, backward, Adam), on random
 keypoints and fits, per batch size: samples/s (wall, median step), samples per CPU-second of this
-process (less sensitive to other tenants), with the `keypoints` preset's settings and, as the
-baseline measured in the same run, the same step without bf16 autocast and with the losses posing
-the whole mesh (`mesh_body`).
+process (less sensitive to other tenants), with the `keypoints` preset's settings, the same step
+compiled (`train.compile`, as the ablation runs it; its first step, the compile, reported apart)
+and, as the baseline measured in the same run, the step without bf16 autocast and with the losses
+posing the whole mesh (`mesh_body`).
 
     python bench/train_speed.py [--data DIR] [--backbones small,resnet18,resnet50] [--out FILE]
     python bench/train_speed.py --device cuda --batch-size 64 --workers 8   # a GPU machine
-    python bench/train_speed.py --backbones keypoints --kp-batches 512,2048 --threads 2
+    python bench/train_speed.py --backbones keypoints --kp-batches 512,1024 --threads 2
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from trainer.dataset import SamplesDataset, StepBatchSampler, make_loader, read_
 from trainer.dataset import KeypointBatches  # noqa: E402
 from trainer.losses import LossWeights, compute_losses, loss_body  # noqa: E402
 from trainer.model import Regressor, normalize_images  # noqa: E402
-from trainer.train import _build_regressor, train_step  # noqa: E402
+from trainer.train import _build_regressor, step_loss_function, train_step  # noqa: E402
 from trainer.train_config import train_config  # noqa: E402
 
 # backbone -> (input resolution, batch size, stored crop size, loader workers): the presets' choices
@@ -127,30 +128,36 @@ def keypoint_data(n: int, seed: int = 0) -> tuple[object, object]:
 
 
 def keypoint_rate(body, batch_size: int, steps: int, device: torch.device, autocast: str = "bf16",
-                  mesh_body: bool = False) -> dict:
+                  mesh_body: bool = False, compile: bool | None = None) -> dict:
     """The trainer's keypoint step (`KeypointBatches.batch` + `train_step`) with the keypoints
-    preset at `batch_size`: median wall seconds per step and samples per CPU-second."""
-    config = train_config("keypoints", {"batch_size": batch_size, "autocast": autocast, "device": str(device)})
+    preset at `batch_size` (compiled as the preset says unless `compile` is given): median wall
+    seconds per step and samples per CPU-second; the first step's seconds (the compile) apart."""
+    overrides = {"batch_size": batch_size, "autocast": autocast, "device": str(device)}
+    config = train_config("keypoints", overrides if compile is None else {**overrides, "compile": compile})
     samples, fits = keypoint_data(batch_size * 4)
     dataset = SamplesDataset(samples, fits, augment=config.augment, seed=0)
     batches = KeypointBatches(dataset, config.augment, seed=0)
     torch.manual_seed(0)
     regressor = _build_regressor(config, None)[0].to(device).train()
-    optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr, fused=True)
     losses_body = body if mesh_body else loss_body(body, config.weights)
+    losses = step_loss_function(config)
     sampler = StepBatchSampler(len(dataset), batch_size, 0, 0, steps + 2)
-    times, cpu = [], 0.0
+    times, cpu, first = [], 0.0, 0.0
     for step, keys in enumerate(sampler):
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         batch = {k: v.to(device) for k, v in batches.batch(keys, step).items()}
-        train_step(regressor, optimizer, batch, losses_body, config, None, step)
+        train_step(regressor, optimizer, batch, losses_body, config, None, step, losses)
         sync(device)
+        if step == 0:
+            first = time.perf_counter() - start
         if step >= 2:  # after two warm-up steps
             times.append(time.perf_counter() - start)
             cpu += time.process_time() - cpu_start
     median = statistics.median(times)
-    return {"backbone": "keypoints", "batch_size": batch_size, "autocast": autocast,
+    return {"backbone": "keypoints", "batch_size": batch_size, "autocast": autocast, "compile": config.compile,
+            "first_step_s": round(first, 2),
             "loss_body": type(losses_body).__name__, "threads": torch.get_num_threads(),
             "train_step_s_median": round(median, 4), "train_step_s": [round(t, 4) for t in times],
             "train_samples_per_s": round(batch_size / median, 1),
@@ -163,12 +170,17 @@ def keypoint_results(body, batch_sizes: list[int], steps: int, device: torch.dev
     results = []
     for batch_size in batch_sizes:
         preset = keypoint_rate(body, batch_size, steps, device)
-        baseline = keypoint_rate(body, batch_size, max(3, steps // 5), device, autocast="none", mesh_body=True)
+        compiled = keypoint_rate(body, batch_size, steps, device, compile=True)
+        baseline = keypoint_rate(body, batch_size, max(3, steps // 5), device, autocast="none", mesh_body=True,
+                                 compile=False)
+        preset["compiled"] = compiled
+        preset["compiled_vs_preset"] = round(compiled["train_samples_per_s"] / preset["train_samples_per_s"], 2)
         preset["baseline"] = baseline
         preset["vs_baseline"] = round(preset["train_samples_per_s"] / baseline["train_samples_per_s"], 2)
         preset["vs_baseline_cpu"] = round(preset["train_samples_per_cpu_s"] / baseline["train_samples_per_cpu_s"], 2)
         results.append(preset)
-        print(json.dumps({k: v for k, v in preset.items() if k not in ("train_step_s", "baseline")}), file=sys.stderr)
+        print(json.dumps({k: v for k, v in preset.items() if k not in ("train_step_s", "baseline", "compiled")}),
+              file=sys.stderr)
     return results
 
 

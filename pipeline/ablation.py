@@ -302,7 +302,7 @@ def ablation(backbone, preset, out_dir, rounds, steps, seed, seeds, solver, ray_
     start = time.perf_counter()
     out = Path(out_dir)
     preset = benchmark.preset_for(backbone, preset)
-    train = yaml_settings(train_settings, "--train")
+    train = {"compile": benchmark.PRESETS[preset].ablation_compile, **yaml_settings(train_settings, "--train")}
     overrides = benchmark.backbone_override(backbone, preset)
     steps = steps or rounds * train_config(benchmark.PRESETS[preset].train).steps
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"

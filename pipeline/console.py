@@ -1,12 +1,13 @@
 """What the console shows: a progress bar per stage (on a terminal) and one line per step.
 
-The libraries' own logs (Ray, Ray Data, MLflow) show only with `spin-pipeline --verbose`; without
+The libraries' own logs (Ray, Ray Data, MLflow, torch.compile's build) show only with `spin-pipeline --verbose`; without
 it they go to their log files: MLflow's below WARNING nowhere, Ray's to RUN/logs/ray.log and to
 Ray's session directory. The choice travels in the environment (SPIN_VERBOSE), which the Ray and
 MLflow set-up read, because those libraries configure their logging once per process.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ def set_verbose(verbose: bool) -> None:
     """Choose, for this process and its children, whether the libraries' logs reach the console."""
     os.environ[VERBOSE] = "1" if verbose else "0"
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")  # read when mlflow loads
+    # torch.compile's C++ build warns on a machine without CUDA that it found none
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def is_verbose() -> bool:

@@ -34,7 +34,7 @@ from trainer.data.storage import Location
 from trainer.data.datasets import rows_per_dataset
 from trainer.data.tables import shard_paths
 from trainer.dataset import mixing_probabilities
-from trainer.train import train_regressor
+from trainer.train import check_compile, resolve_device, train_regressor
 from trainer.train_config import TRAIN_PRESETS
 
 
@@ -124,6 +124,7 @@ def run_pipeline(run: Location, config: RunConfig, rounds: int, ray_address: str
     models = run_models(config)
     check_run_models(models)
     check_evaluation(config, models)  # a test split the body model cannot score fails here, not after round 0
+    check_compile(config.training, resolve_device(config.training.device))
     tracker = tracker or Tracker(run, config.tracking.experiment, config.tracking.tracking_uri,
                                  params=run_params(config))
     results = []

@@ -2,6 +2,9 @@
 the pipeline (fit initialization, evaluation, checkpoints)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +58,9 @@ def kp_data(body, tmp_path_factory) -> tuple[Path, pa.Table]:
 
 
 def _config(**overrides):
+    """The keypoints preset, eager unless asked (a compile costs a minute per batch shape)."""
     return train_config("keypoints", {"steps": 6, "batch_size": 8, "checkpoint_every": 3, "log_every": 1,
-                                      "threads": 1, **overrides})
+                                      "threads": 1, "compile": False, **overrides})
 
 
 def _flip_only(n: int) -> BatchAugParams:
@@ -234,3 +238,32 @@ def test_image_backbone_on_keypoint_only_rows_is_bad_input_before_training(body,
     with pytest.raises(BadInput, match="12 of 12 training samples have no image.*backbone: keypoints"):
         train_regressor(train_config("tiny"), [root], fits, tmp_path / "model", body)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_compiled_step_trains_as_the_eager_one(body, kp_data, tmp_path):
+    root, fits = kp_data
+    runs = {}
+    for compiled in (False, True):
+        config = _config(compile=compiled, steps=4, batch_size=12, use_augmentation=False, checkpoint_every=1000)
+        losses: list[dict[str, float]] = []
+        summary = train_regressor(config, [root], fits, tmp_path / f"model-{compiled}", body,
+                                  log_metrics=lambda m, s: losses.append(m) if "train/loss" in m else None)
+        runs[compiled] = summary, losses
+    (eager, eager_losses), (compiled, compiled_losses) = runs[False], runs[True]
+    assert (eager["compile"], compiled["compile"]) == (False, True)
+    assert len(eager_losses) == len(compiled_losses) == 4
+    for mine, theirs in zip(compiled_losses, eager_losses):
+        for name in ("train/loss", "train/keypoints", "train/pose", "train/betas"):
+            assert mine[name] == pytest.approx(theirs[name], rel=2e-2), (name, mine[name], theirs[name])
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error():
+    code = ("from trainer.train import check_compile; from trainer.train_config import train_config; import torch\n"
+            "check_compile(train_config('keypoints', {'compile': True}), torch.device('cpu'))")
+    env = {**os.environ, "CXX": "/nonexistent/c++"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0 and "train.compile needs a C++ compiler" in done.stderr
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert check.returncode == 0, check.stderr

@@ -38,7 +38,7 @@ from trainer.dataset import (
     mixing_probabilities,
     read_samples,
 )
-from trainer.losses import compute_losses, loss_body
+from trainer.losses import LossResult, compute_losses, loss_body
 from trainer.mean_params import load_mean_params
 from trainer.model import (
     Regressor,
@@ -190,20 +190,46 @@ def autocast(config: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                body_model: torch.nn.Module, config: TrainConfig, prior: torch.nn.Module | None, step: int) -> dict[str, float]:
-    """One optimizer step; returns the total, each term's batch value and the gradient norm
-    (before clipping)."""
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
+def step_losses(regressor: Regressor, batch: dict[str, torch.Tensor], body_model: torch.nn.Module,
+                config: TrainConfig, prior: torch.nn.Module | None) -> LossResult:
+    """The network's output for a batch and SPIN's losses on it: what a train step differentiates
+    (and what `config.compile` compiles)."""
     with autocast(config, next(regressor.parameters()).device):
         out = regressor(model_input(regressor, batch))
-    result = compute_losses(out, batch, body_model, config.weights, config.mode, prior)
+    return compute_losses(out, batch, body_model, config.weights, config.mode, prior)
+
+
+def check_compile(config: TrainConfig, device: torch.device) -> None:
+    """BadInput where `config.compile` cannot work here: on a CPU, torch.compile builds C++."""
+    if not config.compile or device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - torch reports a missing compiler in several ways
+        raise BadInput(f"train.compile needs a C++ compiler on a CPU (g++ or clang++ on PATH, or $CXX): {exc}; "
+                       "or set train.compile: false") from exc
+
+
+def step_loss_function(config: TrainConfig) -> Callable[..., LossResult]:
+    """`step_losses`, compiled where the config says so (one graph per batch shape)."""
+    return torch.compile(step_losses, dynamic=False) if config.compile else step_losses
+
+
+def train_step(regressor: Regressor, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               body_model: torch.nn.Module, config: TrainConfig, prior: torch.nn.Module | None, step: int,
+               losses: Callable[..., LossResult] = step_losses) -> dict[str, float]:
+    """One optimizer step; returns the total, each term's batch value and the gradient norm
+    (before clipping). `losses`: `step_losses` or its compiled form (`step_loss_function`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    result = losses(regressor, batch, body_model, config, prior)
     if not torch.isfinite(result.total):
         raise BadInput(f"training diverged at step {step} (loss {float(result.total.detach())}); try a lower lr")
     optimizer.zero_grad(set_to_none=True)
     result.total.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(regressor.parameters(), config.grad_clip or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(regressor.parameters(), config.grad_clip or float("inf"), foreach=True)
     optimizer.step()
     return {"loss": float(result.total.detach()), **result.batch_values(), "grad_norm": float(grad_norm)}
 
@@ -261,6 +287,7 @@ def train_regressor(
         raise BadInput("training mode 'fits' needs a fits table (or use mode '2d')")
     out_dir = Path(out_dir)
     device = resolve_device(config.device)
+    check_compile(config, device)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -280,7 +307,8 @@ def train_regressor(
 
     regressor, started_from = _build_regressor(config, init_from)
     regressor = regressor.to(device)
-    optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr, fused=True)
+    losses = step_loss_function(config)
     last = out_dir / "last.pt"
     mix = dict(mix or {})
     start, unreadable = _resume(last, config, mix, regressor, optimizer, device) if last.is_file() else (0, set())
@@ -304,7 +332,8 @@ def train_regressor(
     # a bar on a terminal only (disable=None): logs and pipes get the summary instead
     with tqdm(total=config.steps, initial=start, disable=None, desc="train", unit="step", leave=False) as bar:
         for batch in loader:
-            values = train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step)
+            values = train_step(regressor, optimizer, _to_device(batch, device), body_model, config, prior, step,
+                                losses)
             unreadable.update(batch["row"][~batch["usable"]].tolist())
             np.add.at(drawn, batch["row"].numpy(), 1)
             step += 1
@@ -333,7 +362,7 @@ def train_regressor(
         "steps": step, "trained_steps": step - start, "resumed_from": start or None,
         "seconds": round(seconds, 3), "images_per_s": images / seconds if seconds > 0 else 0.0,
         "final_losses": {k: float(np.mean(v)) for k, v in meter.window.items()},
-        "input": regressor.eats, "loss_body": type(body_model).__name__,
+        "input": regressor.eats, "loss_body": type(body_model).__name__, "compile": config.compile,
         "samples": len(dataset), "quarantined": len(quarantine),
         "quarantine_reasons": dict(Counter(quarantine.column("reason").to_pylist())),
         "fitted_samples": int(dataset.targets["fit_valid"].sum()),
