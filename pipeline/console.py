@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -21,8 +22,11 @@ def set_verbose(verbose: bool) -> None:
     """Choose, for this process and its children, whether the libraries' logs reach the console."""
     os.environ[VERBOSE] = "1" if verbose else "0"
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")  # read when mlflow loads
-    # torch.compile's C++ build warns on a machine without CUDA that it found none
+    # torch.compile's C++ build warns on a machine without CUDA that it found none, and its
+    # lowering of some graphs about its own deprecated internals
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
 
 
 def is_verbose() -> bool:
