@@ -11,8 +11,9 @@ it (gather and augment a batch of keypoints, forward, SPIN's losses, backward, A
 keypoints and fits, per batch size: samples/s (wall, median step), samples per CPU-second of this
 process (less sensitive to other tenants), with the `keypoints` preset's settings, the same step
 compiled (`train.compile`, as the ablation runs it; its first step, the compile, reported apart)
-and, as the baseline measured in the same run, the step without bf16 autocast and with the losses
-posing the whole mesh (`mesh_body`).
+and, as the baseline, the step without bf16 autocast and with the losses posing the whole mesh
+(`mesh_body`). The three are timed in turns of 5 steps in one process, so that a noisy machine's
+slow spells fall on all of them alike.
 
     python bench/train_speed.py [--data DIR] [--backbones small,resnet18,resnet50] [--out FILE]
     python bench/train_speed.py --device cuda --batch-size 64 --workers 8   # a GPU machine
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -127,11 +129,11 @@ def keypoint_data(n: int, seed: int = 0) -> tuple[object, object]:
     return samples, fits
 
 
-def keypoint_rate(body, batch_size: int, steps: int, device: torch.device, autocast: str = "bf16",
-                  mesh_body: bool = False, compile: bool | None = None) -> dict:
+def keypoint_stepper(body, batch_size: int, device: torch.device, autocast: str = "bf16", mesh_body: bool = False,
+                     compile: bool | None = None) -> tuple[dict, Callable[[int], tuple[float, float]]]:
     """The trainer's keypoint step (`KeypointBatches.batch` + `train_step`) with the keypoints
-    preset at `batch_size` (compiled as the preset says unless `compile` is given): median wall
-    seconds per step and samples per CPU-second; the first step's seconds (the compile) apart."""
+    preset at `batch_size` (compiled as the preset says unless `compile` is given) -> (what it is,
+    step(i) -> (wall seconds, CPU seconds of this process))."""
     overrides = {"batch_size": batch_size, "autocast": autocast, "device": str(device)}
     config = train_config("keypoints", overrides if compile is None else {**overrides, "compile": compile})
     samples, fits = keypoint_data(batch_size * 4)
@@ -142,37 +144,59 @@ def keypoint_rate(body, batch_size: int, steps: int, device: torch.device, autoc
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr, fused=True)
     losses_body = body if mesh_body else loss_body(body, config.weights)
     losses = step_loss_function(config)
-    sampler = StepBatchSampler(len(dataset), batch_size, 0, 0, steps + 2)
-    times, cpu, first = [], 0.0, 0.0
-    for step, keys in enumerate(sampler):
+    order = np.random.default_rng(0)
+
+    def step(i: int) -> tuple[float, float]:
+        keys = order.choice(len(dataset), batch_size, replace=False).tolist()
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        batch = {k: v.to(device) for k, v in batches.batch(keys, step).items()}
-        train_step(regressor, optimizer, batch, losses_body, config, None, step, losses)
+        batch = {k: v.to(device) for k, v in batches.batch(keys, i).items()}
+        train_step(regressor, optimizer, batch, losses_body, config, None, i, losses)
         sync(device)
-        if step == 0:
-            first = time.perf_counter() - start
-        if step >= 2:  # after two warm-up steps
-            times.append(time.perf_counter() - start)
-            cpu += time.process_time() - cpu_start
-    median = statistics.median(times)
-    return {"backbone": "keypoints", "batch_size": batch_size, "autocast": autocast, "compile": config.compile,
-            "first_step_s": round(first, 2),
-            "loss_body": type(losses_body).__name__, "threads": torch.get_num_threads(),
-            "train_step_s_median": round(median, 4), "train_step_s": [round(t, 4) for t in times],
-            "train_samples_per_s": round(batch_size / median, 1),
-            "train_samples_per_s_best": round(batch_size / min(times), 1),
-            "train_samples_per_cpu_s": round(batch_size * len(times) / cpu, 1)}
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+    about = {"backbone": "keypoints", "batch_size": batch_size, "autocast": autocast, "compile": config.compile,
+             "loss_body": type(losses_body).__name__, "threads": torch.get_num_threads()}
+    return about, step
+
+
+def keypoint_rates(steppers: dict[str, tuple[dict, Callable]], steps: dict[str, int], turn: int = 5) -> dict[str, dict]:
+    """Each stepper's first step (a compile, if any) and one more warm-up, then their timed steps
+    in turns (`turn` steps of each in turn, so that a noisy machine's slow spells fall on all of
+    them alike) -> per name: median wall seconds per step, samples/s, samples per CPU-second."""
+    first = {name: step(0)[0] for name, (_, step) in steppers.items()}
+    for _, step in steppers.values():
+        step(1)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steppers}
+    done = 2
+    while any(len(times[name]) < steps[name] for name in steppers):
+        for name, (_, step) in steppers.items():
+            for _ in range(min(turn, steps[name] - len(times[name]))):
+                times[name].append(step(done))
+                done += 1
+    results = {}
+    for name, (about, _) in steppers.items():
+        wall = [t for t, _ in times[name]]
+        median, batch_size = statistics.median(wall), about["batch_size"]
+        results[name] = {**about, "first_step_s": round(first[name], 2), "train_step_s_median": round(median, 4),
+                         "train_step_s": [round(t, 4) for t in wall],
+                         "train_samples_per_s": round(batch_size / median, 1),
+                         "train_samples_per_s_best": round(batch_size / min(wall), 1),
+                         "train_samples_per_cpu_s": round(batch_size * len(wall) / sum(c for _, c in times[name]), 1)}
+    return results
 
 
 def keypoint_results(body, batch_sizes: list[int], steps: int, device: torch.device) -> list[dict]:
-    """Per batch size, the preset's step and the baseline (float32, mesh body), with the ratio."""
+    """Per batch size: the preset's step, the same step compiled and the baseline (float32, mesh
+    body), timed in turns, with the ratios."""
     results = []
     for batch_size in batch_sizes:
-        preset = keypoint_rate(body, batch_size, steps, device)
-        compiled = keypoint_rate(body, batch_size, steps, device, compile=True)
-        baseline = keypoint_rate(body, batch_size, max(3, steps // 5), device, autocast="none", mesh_body=True,
-                                 compile=False)
+        steppers = {"preset": keypoint_stepper(body, batch_size, device),
+                    "compiled": keypoint_stepper(body, batch_size, device, compile=True),
+                    "baseline": keypoint_stepper(body, batch_size, device, autocast="none", mesh_body=True,
+                                                 compile=False)}
+        rates = keypoint_rates(steppers, {"preset": steps, "compiled": steps, "baseline": max(3, steps // 5)})
+        preset, compiled, baseline = rates["preset"], rates["compiled"], rates["baseline"]
         preset["compiled"] = compiled
         preset["compiled_vs_preset"] = round(compiled["train_samples_per_s"] / preset["train_samples_per_s"], 2)
         preset["baseline"] = baseline

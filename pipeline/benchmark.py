@@ -40,7 +40,7 @@ PRESETS: dict[str, BenchmarkPreset] = {
     # took 355 s on a quiet one (a round: fit 16-25 s, train 56-71 s), so the demo takes 8,000
     # people and 1000 steps a round; the ablation keeps the preset's 20,000 and 1500
     # The ablation compiles its training step: a minute once (then seconds, from torch's cache) for
-    # 1.2-1.3x the samples/s over a dozen trainings; the demo's three would not win the minute back.
+    # 1.4-1.5x the samples/s over a dozen trainings; the demo's three would not win the minute back.
     "keypoints": BenchmarkPreset("keypoints", "keypoints", demo_people=8000, demo_steps=1000, ablation_compile=True),
     # tests and CI: the keypoint path end to end in a minute or two
     "tiny-keypoints": BenchmarkPreset("tiny-keypoints", "keypoints", demo_steps=20),
