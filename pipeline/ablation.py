@@ -45,7 +45,7 @@ from pipeline.config import (
     yaml_settings,
 )
 from pipeline.lease import Lease
-from pipeline.report import headline
+from pipeline.report import headline, step_line
 from pipeline.rounds import eval_round, run_pipeline
 from pipeline.tracking import Tracker, finished_step
 from trainer.data.tables import fits_table, read_split, to_numpy, write_table
@@ -261,8 +261,10 @@ def run_arm(out: Path, arm: str, config: RunConfig, rounds: int, train_seed: int
                       params={"arm": arm, "train_seed": train_seed, **run_params(config)})
     if arm == "2d-only":
         with tracker.active():
-            train_2d_only(run, config, tracker)
-            return {"regressor": eval_round(run, 0, config, tracker)["regressor"]}
+            click.echo(step_line("train", 0, train_2d_only(run, config, tracker)))
+            metrics = eval_round(run, 0, config, tracker)
+            click.echo(step_line("eval", 0, metrics))
+            return {"regressor": metrics["regressor"]}
     if shared_fits is not None and not rundir.is_done(run, 0, "fits"):
         # the round-0 fits do not depend on the training seed or the arm: fitted once, shared
         shutil.copytree(rundir.step_dir(shared_fits, 0, "fits"), rundir.step_dir(run, 0, "fits"), dirs_exist_ok=True)

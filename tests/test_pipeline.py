@@ -200,6 +200,9 @@ def test_ablation_runs_comparable_arms_over_seeds(tmp_path):
     result = CliRunner().invoke(cli, ["ablation", "--backbone", "keypoints", "--preset", "tiny-keypoints", "--rounds", "2",
                                       "--steps", "6", "--seeds", "2", "--out", str(out), "--train", "batch_size=16"])
     assert result.exit_code == 0, result.output
+    # every arm says what it trained and scored, the 2D-only one too
+    assert "== 2d-only, training seed 0\ntrain round 0: 6 steps" in result.output
+    assert "== 2d-only, training seed 1\ntrain round 0: 6 steps" in result.output
     report = json.loads((out / "ablation.json").read_text())
     assert report["command"].endswith("--seeds 2 --train batch_size=16") and report["train_seeds"] == [0, 1]
     assert report["backbone"] == "keypoints" and report["dataset"]["train"] == 240
