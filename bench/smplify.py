@@ -138,10 +138,10 @@ def quality(model, results: list[FitResult], joints3d: torch.Tensor) -> dict:
 
 
 def warm_up(name: str, fitter: Smplify, people: dict, batch: int, device) -> float | None:
-    """A graph arm records its graph for this batch size with one full call (timed and returned);
-    any other arm runs once with 2 steps per stage, as before the timed repeats."""
+    """An arm that fits this batch size by a graph records it with one full call (timed and
+    returned); any other arm (or size) runs once with 2 steps per stage, as before the timed repeats."""
     kp = people["keypoints"][:batch]
-    if fitter.graphs is not None and not fitter.routes_to_cpu(batch):
+    if not fitter.routes_to_cpu(batch) and fitter.batch_mode(batch) == "graph":
         sync(device)
         start = time.perf_counter()
         fitter(kp)

@@ -144,10 +144,10 @@ def keypoint_stepper(body, batch_size: int, device: torch.device, autocast: str 
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr, fused=True)
     losses_body = body if mesh_body else loss_body(body, config.weights)
     losses = step_loss_function(config)
-    order = np.random.default_rng(0)
+    sampler = iter(StepBatchSampler(len(dataset), batch_size, 0, 0, 1 << 30))   # the trainer's batches, lazily
 
     def step(i: int) -> tuple[float, float]:
-        keys = order.choice(len(dataset), batch_size, replace=False).tolist()
+        keys = next(sampler)
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         batch = {k: v.to(device) for k, v in batches.batch(keys, i).items()}

@@ -143,7 +143,6 @@ class KeypointJacobian(nn.Module):
         slot_of = torch.full((source.numel(), NUM_JOINTS), -1, dtype=torch.long, device=device)
         slot_of[slot_key, slot_joint] = torch.arange(slot_key.numel(), device=device)
         self.num_keypoints = int(source.numel())
-        self.register_buffer("parents", body.parents.clone())
         self.parent_list = body.parent_list
         self.register_buffer("parent_index", body.parents.clamp_min(0))
         self.register_buffer("joint_template", body.joint_template)

@@ -1,9 +1,10 @@
 """What the console shows: a progress bar per stage (on a terminal) and one line per step.
 
-The libraries' own logs (Ray, Ray Data, MLflow, torch.compile's build) show only with `spin-pipeline --verbose`; without
-it they go to their log files: MLflow's below WARNING nowhere, Ray's to RUN/logs/ray.log and to
-Ray's session directory. The choice travels in the environment (SPIN_VERBOSE), which the Ray and
-MLflow set-up read, because those libraries configure their logging once per process.
+The libraries' own logs (Ray, Ray Data, MLflow, torch.compile's build) show only with
+`spin-pipeline --verbose`; without it they go to their log files: MLflow's below WARNING nowhere,
+Ray's to RUN/logs/ray.log and to Ray's session directory. The choice travels in the environment
+(SPIN_VERBOSE), which the Ray and MLflow set-up read, because those libraries configure their
+logging once per process.
 """
 from __future__ import annotations
 
