@@ -292,7 +292,8 @@ def run_arm(out: Path, arm: str, config: RunConfig, rounds: int, train_seed: int
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
 @click.option("--train", "train_settings", multiple=True, metavar="KEY=VALUE",
               help="One training setting for every arm (a TrainConfig field), repeatable; on a GPU machine "
-                   "e.g. --train batch_size=64 --train num_workers=12.")
+                   "e.g. --train batch_size=64 --train num_workers=12. The keypoints preset compiles its step "
+                   "(--train compile=false: eager).")
 @click.option("--oracle/--no-oracle", default=True, show_default=True,
               help="Also train the static arm's schedule on the train split's ground-truth pose and shape: "
                    "the most any pseudo-labels can give at this budget.")
