@@ -13,10 +13,10 @@ import torch
 from fitting.keypoints import GT24
 from fitting.render import part_labels, render
 from tests.test_train import make_body, make_samples
-from trainer.data.protocols import lsp14_joints
 from trainer.data.samples import encode_mask
 from trainer.data.tables import FITS_SCHEMA, SAMPLES_SCHEMA, make_table, to_numpy, write_shards
-from trainer.evaluate import evaluate_fits, evaluate_regressor, format_table, write_overlays
+from trainer.data.protocols import PROTOCOLS, lsp14_joints
+from trainer.evaluate import _eval_joints, evaluate_fits, evaluate_regressor, format_table, write_overlays
 from trainer.metrics import (
     AUC_THRESHOLDS_MM, auc, confusion_matrix, joint_errors, mpjpe, pa_mpjpe, pck, pose_metrics, segmentation_scores,
 )
@@ -172,6 +172,19 @@ def test_evaluate_regressor_against_known_truth(body, tmp_path):
     assert cv2.imread(str(png)).shape == (2 * 160, 2 * 320, 3)
     table = format_table({"exact": exact, "wrong": wrong})
     assert "pa_mpjpe" in table.splitlines()[0] and table.splitlines()[2].startswith("wrong")
+
+
+def test_the_builtin_protocol_scores_keypoints_without_posing_meshes_and_gets_the_same_joints(body):
+    """Fits are scored through the keypoints alone (the built-in protocol's joints); meshes are
+    posed only where someone looks at them (the regressor's segmentation): the same joints."""
+    rng = np.random.default_rng(3)
+    pose, betas = rng.normal(scale=0.4, size=(70, 72)), rng.normal(size=(70, 10))
+    seen = []
+    keypoints_only = _eval_joints(PROTOCOLS["lsp14"], body, body, pose, betas, batch_size=32)
+    with_meshes = _eval_joints(PROTOCOLS["lsp14"], body, body, pose, betas, batch_size=32,
+                               on_batch=lambda rows, meshes: seen.append(len(rows)))
+    assert seen == [32, 32, 6] and keypoints_only.shape == (70, 14, 3)
+    np.testing.assert_allclose(keypoints_only, with_meshes, atol=1e-5)
 
 
 def test_evaluate_fits(body):
