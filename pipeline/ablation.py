@@ -294,10 +294,14 @@ def run_arm(out: Path, arm: str, config: RunConfig, rounds: int, train_seed: int
               help="One training setting for every arm (a TrainConfig field), repeatable; on a GPU machine "
                    "e.g. --train batch_size=64 --train num_workers=12. The keypoints preset compiles its step "
                    "(--train compile=false: eager).")
+@click.option("--smplify", "smplify_settings", multiple=True, metavar="KEY=VALUE",
+              help="One SMPLify setting for every arm (a fit.smplify field), repeatable. The benchmark fits "
+                   "with angle_prior_weight=5 (SPIN: 15.2, which bends elbows and knees; see docs/spin.md).")
 @click.option("--oracle/--no-oracle", default=True, show_default=True,
               help="Also train the static arm's schedule on the train split's ground-truth pose and shape: "
                    "the most any pseudo-labels can give at this budget.")
-def ablation(backbone, preset, out_dir, rounds, steps, seed, seeds, solver, ray_address, train_settings, oracle):
+def ablation(backbone, preset, out_dir, rounds, steps, seed, seeds, solver, ray_address, train_settings,
+             smplify_settings, oracle):
     """2D-only vs static fits vs fitting in the loop, as in SPIN's Table 1, on the built-in
     benchmark, with an oracle arm trained on ground-truth labels as their ceiling, each trained
     with SEEDS training seeds. Writes OUT/ablation.json, OUT/ablation.md and a plot; all runs are
@@ -306,12 +310,14 @@ def ablation(backbone, preset, out_dir, rounds, steps, seed, seeds, solver, ray_
     out = Path(out_dir)
     preset = benchmark.preset_for(backbone, preset)
     train = {"compile": benchmark.PRESETS[preset].ablation_compile, **yaml_settings(train_settings, "--train")}
+    smplify = benchmark.benchmark_smplify(yaml_settings(smplify_settings, "--smplify"))
     overrides = benchmark.backbone_override(backbone, preset)
     steps = steps or rounds * train_config(benchmark.PRESETS[preset].train).steps
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     base = apply_overrides(RunConfig.from_dict({
         "data": str((out / "data").resolve()), "rounds": rounds, "seed": seed, "train_preset": benchmark.PRESETS[preset].train,
-        "train": train, "fit": {"solver": solver or ""}, "tracking": {"experiment": "ablation", "tracking_uri": uri},
+        "train": train, "fit": {"solver": solver or "", "smplify": smplify},
+        "tracking": {"experiment": "ablation", "tracking_uri": uri},
     }), overrides)  # read whole, before any work
     dataset = benchmark.ensure_benchmark(out / "data", benchmark.benchmark_config(preset, seed))
     train_seeds = [seed + k for k in range(seeds)]
@@ -339,7 +345,8 @@ def ablation(backbone, preset, out_dir, rounds, steps, seed, seeds, solver, ray_
     results["command"] = (f"spin-pipeline ablation --preset {preset}" + (f" --backbone {backbone}" if backbone else "")
                           + f" --rounds {rounds} --steps {steps} --seed {seed} --seeds {seeds}"
                           + (f" --solver {solver}" if solver else "") + ("" if oracle else " --no-oracle")
-                          + "".join(f" --train {pair}" for pair in train_settings))
+                          + "".join(f" --train {pair}" for pair in train_settings)
+                          + "".join(f" --smplify {pair}" for pair in smplify_settings))
     (out / "ablation.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "ablation.md").write_text(table_markdown(results))
     png = plot(results, out / "ablation_pa_mpjpe.png")

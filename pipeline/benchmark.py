@@ -21,6 +21,14 @@ from trainer.train_config import train_config
 IMAGE_BACKBONE = "small"   # the demo's image network (a GPU's default)
 KEYPOINT_BACKBONE = "keypoints"
 
+# SMPLify on the built-in benchmark: SPIN's settings, but the angle prior at 5 instead of 15.2.
+# SPIN's exp(+-angle)^2 term pushes every elbow and knee to bend further, also where the keypoints
+# hold it: started from the true pose, SPIN's weight bent the fits' elbows 18 degrees and knees 13
+# further on average, and a regressor learns that bend from its labels. At 5 the bend is 2-4
+# degrees; the price is more fits with a joint bent the wrong way (6 % from the mean pose, against
+# 0.4 % at 15.2). bench/angle_prior.py measures it; docs/spin.md has the figures.
+BENCHMARK_SMPLIFY: dict[str, Any] = {"angle_prior_weight": 5.0}
+
 
 @dataclass(frozen=True)
 class BenchmarkPreset:
@@ -68,6 +76,12 @@ def preset_for(backbone: str | None, preset: str | None, image_default: str = "s
 def backbone_override(backbone: str | None, preset: str) -> dict[str, Any]:
     """The run's train.backbone when it differs from the preset's (else nothing: the preset says it)."""
     return {} if backbone in (None, preset_backbone(preset)) else {"train.backbone": backbone}
+
+
+def benchmark_smplify(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The SMPLify settings of a run on the built-in benchmark (`fit.smplify`): the benchmark's
+    own (BENCHMARK_SMPLIFY) with the command's `--smplify` overrides on top."""
+    return {**BENCHMARK_SMPLIFY, **(overrides or {})}
 
 
 def benchmark_config(preset: str, seed: int, demo: bool = False) -> SynthConfig:

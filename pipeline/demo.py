@@ -13,6 +13,7 @@ from typing import Any
 import click
 import torch
 
+from fitting.smplify import SmplifyConfig
 from fitting.solvers import SOLVERS
 from pipeline.benchmark import (
     IMAGE_BACKBONE,
@@ -20,11 +21,12 @@ from pipeline.benchmark import (
     PRESETS,
     backbone_override,
     benchmark_config,
+    benchmark_smplify,
     ensure_benchmark,
     mean_pose_reference,
     preset_for,
 )
-from pipeline.config import resolve_config
+from pipeline.config import resolve_config, yaml_settings
 from pipeline.report import headline, round_table
 from pipeline.rounds import run_pipeline
 from trainer.model import BACKBONES
@@ -77,13 +79,18 @@ def summarize(results: list[dict[str, Any]], reference: dict[str, Any] | None = 
 @click.option("--seed", type=int, default=0, show_default=True, help="Benchmark seed.")
 @click.option("--ray-address", default=None, help="Ray cluster address; default a local Ray.")
 @click.option("--solver", type=click.Choice(sorted(SOLVERS)), help="SMPLify solver (default: the library default).")
-def demo(out_dir, rounds, backbone, preset, seed, ray_address, solver):
+@click.option("--smplify", "smplify_settings", multiple=True, metavar="KEY=VALUE",
+              help="One SMPLify setting (a fit.smplify field), repeatable. The benchmark fits with "
+                   "angle_prior_weight=5 (SPIN: 15.2, which bends elbows and knees; see docs/spin.md).")
+def demo(out_dir, rounds, backbone, preset, seed, ray_address, solver, smplify_settings):
     """The whole loop on the built-in benchmark: synthesize it, then fit/train/evaluate ROUNDS
     rounds with real Ray and real MLflow (SQLite in OUT/run/mlflow.db). Prints a table by round
     beside the mean-pose reference and writes OUT/summary.json; overlays and plots are in
     OUT/run/round=N/eval/. Rerunning resumes.
     """
     start = time.perf_counter()
+    smplify = benchmark_smplify(yaml_settings(smplify_settings, "--smplify"))
+    SmplifyConfig.from_dict(smplify, "--smplify")   # checked before the benchmark is made
     backbone, why = choose_backbone(backbone, torch.cuda.is_available())
     preset = preset_for(backbone, preset)   # an image backbone on a keypoint-only benchmark stops here
     click.echo(why)
@@ -95,7 +102,8 @@ def demo(out_dir, rounds, backbone, preset, seed, ray_address, solver):
     run = out / "run"
     config = resolve_config(run, None, {"data": str((out / "data").resolve()), "rounds": rounds,
                                         "train_preset": PRESETS[preset].train, "train.steps": PRESETS[preset].demo_steps,
-                                        **backbone_override(backbone, preset), "fit.solver": solver, "seed": seed})
+                                        **backbone_override(backbone, preset), "fit.solver": solver, "fit.smplify": smplify,
+                                        "seed": seed})
     click.echo(f"2/2 {rounds} rounds of fit -> train ({config.training.backbone}) -> eval in {run}")
     results = run_pipeline(run, config, rounds, ray_address=ray_address)
     reference = mean_pose_reference(config)

@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from fitting.errors import BadInput
 from pipeline.ablation import aggregate_arm, mean_sd, paired_ratios
-from pipeline.benchmark import preset_for
+from pipeline.benchmark import BENCHMARK_SMPLIFY, benchmark_smplify, preset_for
 from pipeline.demo import choose_backbone, summarize
 from pipeline.report import round_table
 
@@ -73,6 +74,50 @@ def test_the_demo_reports_each_round_beside_the_mean_pose():
     assert "mean-pose" not in round_table(results)   # `run` keeps its table
 
 
+def test_the_benchmark_fits_with_its_own_angle_prior_weight_unless_told():
+    assert benchmark_smplify() == {"angle_prior_weight": 5.0}
+    assert benchmark_smplify({"angle_prior_weight": 15.2, "sigma": 50}) == {"angle_prior_weight": 15.2, "sigma": 50}
+
+
+def _systematic_bend(pose, truth, joint: int) -> float:
+    """Degrees of the mean rotation from the true to the fitted rotation of one joint."""
+    import roma
+    import torch
+
+    fitted, true = (roma.rotvec_to_rotmat(p.reshape(-1, 24, 3)[:, joint]) for p in (pose, truth))
+    mean = roma.special_procrustes((true.transpose(-1, -2) @ fitted).mean(dim=0))
+    return float(torch.rad2deg(roma.rotmat_to_rotvec(mean).norm()))
+
+
+@pytest.mark.slow
+def test_spins_angle_prior_bends_the_benchmarks_fits_and_the_benchmarks_weight_does_not():
+    """Why the benchmark sets angle_prior_weight: SMPLify started from the true pose of its people
+    bends elbows and knees further with SPIN's weight (15.2), hardly with the benchmark's."""
+    import numpy as np
+    import torch
+
+    from fitting.body_model import load_body_model
+    from fitting.camera import estimate_translation, normalized_to_pixels
+    from fitting.priors import load_prior
+    from fitting.smplify import FitInit, SmplifyConfig, fit
+    from trainer.data.synth import SynthConfig
+    from trainer.data.synth_keypoints import keypoint_chunk
+
+    records = keypoint_chunk(SynthConfig.from_preset("keypoints", seed=3, num_train=100, num_test=0), "train", 0, 100)
+    pose = torch.as_tensor(np.stack([r["pose"] for r in records]), dtype=torch.float32)
+    betas = torch.as_tensor(np.stack([r["betas"] for r in records]), dtype=torch.float32)
+    keypoints = normalized_to_pixels(torch.as_tensor(np.stack([r["keypoints"] for r in records]), dtype=torch.float32))
+    body, prior = load_body_model(), load_prior()
+    with torch.no_grad():
+        cam = estimate_translation(body(pose, betas).keypoints, keypoints)
+    bends = {}
+    for weight in (SmplifyConfig().angle_prior_weight, BENCHMARK_SMPLIFY["angle_prior_weight"]):
+        fitted = fit(body, prior, keypoints, FitInit(pose, betas, cam), SmplifyConfig(angle_prior_weight=weight)).pose
+        bends[weight] = [_systematic_bend(fitted, pose, joint) for joint in (4, 5, 18, 19)]   # knees, elbows
+    assert min(bends[15.2]) > 8.0, bends
+    assert max(bends[5.0]) < 5.0, bends
+
+
 def test_the_backbone_and_preset_choice():
     assert choose_backbone(None, gpu=False)[0] == "keypoints" and "no GPU" in choose_backbone(None, gpu=False)[1]
     assert choose_backbone(None, gpu=True)[0] is None
@@ -107,6 +152,16 @@ def test_demo_closes_the_loop_on_keypoints(tmp_path):
     assert any(p.endswith("regressor_overlays.png") for p in summary["pictures"])
     assert any(p.endswith("fit_overlays.png") for p in summary["pictures"])   # keypoint-only rows on a blank crop
     assert "mean-pose PA-MPJPE" in result.stdout
+    config = yaml.safe_load((out / "run" / "config.yaml").read_text())
+    assert config["fit"]["smplify"] == BENCHMARK_SMPLIFY   # the benchmark's SMPLify settings, recorded
+
+
+def test_a_bad_smplify_setting_stops_the_demo_before_its_benchmark(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--smplify", "angle_prior_weight=-1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --smplify: 'angle_prior_weight'")
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 def _has_gpu() -> bool:

@@ -198,13 +198,15 @@ def test_ablation_runs_comparable_arms_over_seeds(tmp_path):
 
     out = tmp_path / "ablation"
     result = CliRunner().invoke(cli, ["ablation", "--backbone", "keypoints", "--preset", "tiny-keypoints", "--rounds", "2",
-                                      "--steps", "6", "--seeds", "2", "--out", str(out), "--train", "batch_size=16"])
+                                      "--steps", "6", "--seeds", "2", "--out", str(out), "--train", "batch_size=16",
+                                      "--smplify", "angle_prior_weight=7"])
     assert result.exit_code == 0, result.output
     # every arm says what it trained and scored, the 2D-only one too
     assert "== 2d-only, training seed 0\ntrain round 0: 6 steps" in result.output
     assert "== 2d-only, training seed 1\ntrain round 0: 6 steps" in result.output
     report = json.loads((out / "ablation.json").read_text())
-    assert report["command"].endswith("--seeds 2 --train batch_size=16") and report["train_seeds"] == [0, 1]
+    assert report["command"].endswith("--seeds 2 --train batch_size=16 --smplify angle_prior_weight=7")
+    assert report["train_seeds"] == [0, 1]
     assert report["backbone"] == "keypoints" and report["dataset"]["train"] == 240
     assert set(report["arms"]) == {"2d-only", "static", "loop", "oracle"}
     for arm, summary in report["arms"].items():
@@ -232,6 +234,7 @@ def test_ablation_runs_comparable_arms_over_seeds(tmp_path):
             assert rundir.read_success(arm_run(out, arm, seed), 0, "fits") == rundir.read_success(arm_run(out, "static", 0), 0, "fits")
         config = yaml.safe_load((arm_run(out, "loop", seed) / "config.yaml").read_text())
         assert config["train"]["seed"] == seed and config["train"]["batch_size"] == 16
+        assert config["fit"]["smplify"] == {"angle_prior_weight": 7}
     assert report["mean_pose_reference"]["evaluated_3d"] == report["arms"]["static"]["regressor"]["evaluated_3d"]
     assert report["mean_pose_reference"]["pa_mpjpe"] > 0
     assert set(report["init_comparison"]) == {"mean", "network"}
