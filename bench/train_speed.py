@@ -138,7 +138,7 @@ def keypoint_stepper(body, batch_size: int, device: torch.device, autocast: str 
     config = train_config("keypoints", overrides if compile is None else {**overrides, "compile": compile})
     samples, fits = keypoint_data(batch_size * 4)
     dataset = SamplesDataset(samples, fits, augment=config.augment, seed=0)
-    batches = KeypointBatches(dataset, config.augment, seed=0)
+    batches = KeypointBatches(dataset, config.augment, seed=0, compile=config.compile)
     torch.manual_seed(0)
     regressor = _build_regressor(config, None)[0].to(device).train()
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr, fused=True)

@@ -125,6 +125,15 @@ def rigid_keypoints(body: KeypointBody, body_pose: torch.Tensor, betas: torch.Te
     return keypoints
 
 
+def small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., N, K) @ (..., K, M) for tiny K (3x3 rotations). Under torch.compile, a broadcast
+    product and sum, which the graph fuses with its neighbours (a batched GEMM of 3x3 blocks is a
+    call of its own, far below a GEMM's speed); eager, the GEMM, which makes no temporaries."""
+    if torch.compiler.is_compiling():
+        return (a[..., :, :, None] * b[..., None, :, :]).sum(dim=-2)
+    return a @ b
+
+
 def kinematic_levels(parents: list[int]) -> list[list[int]]:
     """Joints grouped by depth in the kinematic tree, root (depth 0) first."""
     depth = [0] * len(parents)
@@ -194,8 +203,8 @@ class FastKeypointBody(nn.Module):
             parent_rot = torch.cat([g_rot[p] for p in parents], dim=1)
             parent_loc = torch.cat([g_loc[p] for p in parents], dim=1)
             offset = (joints[:, level] - joints[:, parents])[..., None]
-            level_rot = parent_rot @ rot[:, level]
-            level_loc = parent_loc + (parent_rot @ offset)[..., 0]
+            level_rot = small_matmul(parent_rot, rot[:, level])
+            level_loc = parent_loc + small_matmul(parent_rot, offset)[..., 0]
             for i, joint in enumerate(level):
                 g_rot[joint], g_loc[joint] = level_rot[:, i:i + 1], level_loc[:, i:i + 1]
         return torch.cat(g_rot, dim=1), torch.cat(g_loc, dim=1)
@@ -205,11 +214,12 @@ class FastKeypointBody(nn.Module):
         rot = batch_rodrigues(pose.reshape(-1, 3)).reshape(batch, NUM_JOINTS, 3, 3) if pose.ndim == 2 else pose
         joints = self.joint_template + torch.einsum("bl,jcl->bjc", betas, self.joint_shapedirs)
         g_rot, g_loc = self.global_transforms(rot, joints)
-        trans = g_loc - (g_rot @ joints[..., None])[..., 0]                       # (B, 24, 3)
+        trans = g_loc - small_matmul(g_rot, joints[..., None])[..., 0]            # (B, 24, 3)
         q = self.pair_q + (betas @ self.pair_q_shape).reshape(batch, -1, 3)        # (B, P, 3)
         if self.pose_blend:
             eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
             q = q + ((rot[:, 1:] - eye).reshape(batch, -1) @ self.pair_q_pose).reshape(batch, -1, 3)
-        terms = (g_rot.index_select(1, self.pair_j) @ q[..., None])[..., 0] + self.pair_c * trans.index_select(1, self.pair_j)
+        terms = (small_matmul(g_rot.index_select(1, self.pair_j), q[..., None])[..., 0]
+                 + self.pair_c * trans.index_select(1, self.pair_j))
         virtual = terms.new_zeros(batch, self.num_virtual, 3).index_add(1, self.pair_m, terms)
         return torch.cat([g_loc, virtual], dim=1).index_select(1, self.keypoint_source)

@@ -15,7 +15,7 @@ import torch
 from fitting.body_model import BodyModel, load_body_model
 from fitting.errors import BadInput
 from fitting.geometry import pose_to_rotmat
-from fitting.keypoint_body import FastKeypointBody, KeypointBody
+from fitting.keypoint_body import FastKeypointBody, KeypointBody, small_matmul
 from fitting.keypoints import FLIP_PERM
 from tests.test_train import make_body, make_samples
 from trainer.augment import (
@@ -30,7 +30,7 @@ from trainer.augment import (
     sample_batch_params,
 )
 from trainer.data.tables import write_shards
-from trainer.dataset import KeypointBatches, SamplesDataset
+from trainer.dataset import KeypointBatches, SamplesDataset, read_samples
 from trainer.model import Regressor, model_input
 from trainer.train import load_regressor, predict, train_regressor
 from trainer.train_config import train_config
@@ -255,6 +255,23 @@ def test_a_compiled_step_trains_as_the_eager_one(body, kp_data, tmp_path):
     for mine, theirs in zip(compiled_losses, eager_losses):
         for name in ("train/loss", "train/keypoints", "train/pose", "train/betas"):
             assert mine[name] == pytest.approx(theirs[name], rel=2e-2), (name, mine[name], theirs[name])
+
+
+def test_compiled_augmentation_makes_the_eager_batches(body, kp_data):
+    root, fits = kp_data
+    config = _config()
+    dataset = SamplesDataset(read_samples([root]), fits, augment=config.augment)
+    eager = KeypointBatches(dataset, config.augment, seed=0).batch(list(range(12)), 7)
+    compiled = KeypointBatches(dataset, config.augment, seed=0, compile=True).batch(list(range(12)), 7)
+    assert set(eager) == set(compiled)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-5, rtol=1e-5)
+
+
+def test_small_matmul_is_matmul_eager_and_compiled():
+    a, b = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 1)
+    torch.testing.assert_close(small_matmul(a, b), a @ b)
+    torch.testing.assert_close(torch.compile(small_matmul)(a, b), a @ b)
 
 
 def test_compile_without_a_cpp_compiler_is_a_clear_error():

@@ -31,6 +31,7 @@ from fitting.geometry import pose_to_rotmat
 from trainer.augment import (
     AugmentConfig,
     AugParams,
+    BatchAugParams,
     augment_image,
     augment_joints3d,
     augment_joints3d_batch,
@@ -200,6 +201,16 @@ def lacks_images(samples: pa.Table) -> np.ndarray:
     return images & np.array([not uri for uri in uris], bool)
 
 
+def augmented_batch(batch: dict[str, torch.Tensor], params: BatchAugParams) -> dict[str, torch.Tensor]:
+    """A gathered keypoint batch augmented by `params` (a new dict; the input is untouched): the
+    keypoints, pose targets and 3D joints turned, scaled and flipped, and the network's input
+    ("input_keypoints") after dropout and jitter."""
+    keypoints = augment_keypoints_batch(batch["keypoints"], params)
+    return {**batch, "keypoints": keypoints, "pose_rotmat": augment_rotmat_batch(batch["pose_rotmat"], params),
+            "joints3d": augment_joints3d_batch(batch["joints3d"], params),
+            "input_keypoints": corrupt_keypoints(keypoints, params)}
+
+
 class KeypointBatches:
     """Training batches for the keypoints backbone: a SamplesDataset's keypoints and targets as
     tensors, gathered and augmented a batch at a time (`trainer.augment`'s *_batch functions).
@@ -207,10 +218,12 @@ class KeypointBatches:
     batch(keys, step) -> the items of `SamplesDataset` for rows key % N, stacked (without
     "image"), with the pose target as rotation matrices ("pose_rotmat") and the network's input
     ("input_keypoints": the augmented keypoints after dropout and jitter; "keypoints" stays the
-    clean target). Augmentation depends only on (seed, step)."""
+    clean target). Augmentation depends only on (seed, step). `compile`: the augmentation runs
+    as one torch.compile'd graph per batch size (a few dozen small tensor ops, fused)."""
 
-    def __init__(self, dataset: SamplesDataset, augment: AugmentConfig | None, seed: int):
+    def __init__(self, dataset: SamplesDataset, augment: AugmentConfig | None, seed: int, compile: bool = False):
         self.n, self.augment, self.seed = len(dataset), augment, int(seed)
+        self.apply = torch.compile(augmented_batch, dynamic=False) if compile else augmented_batch
         targets = dataset.targets
         self.columns = {
             "keypoints": torch.from_numpy(np.nan_to_num(dataset.keypoints).astype(np.float32)),
@@ -231,11 +244,7 @@ class KeypointBatches:
             out["input_keypoints"] = out["keypoints"]
             return out
         params = sample_batch_params(np.random.default_rng([self.seed, 104729, int(step)]), self.augment, len(rows))
-        out["keypoints"] = augment_keypoints_batch(out["keypoints"], params)
-        out["pose_rotmat"] = augment_rotmat_batch(out["pose_rotmat"], params)
-        out["joints3d"] = augment_joints3d_batch(out["joints3d"], params)
-        out["input_keypoints"] = corrupt_keypoints(out["keypoints"], params)
-        return out
+        return self.apply(out, params)
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -321,7 +321,7 @@ def train_regressor(
     else:
         sampler = StepBatchSampler(len(dataset), config.batch_size, config.seed, start, config.steps)
     if regressor.eats == "keypoints":
-        keypoint_batches = KeypointBatches(dataset, augment, config.seed)
+        keypoint_batches = KeypointBatches(dataset, augment, config.seed, compile=config.compile)
         loader = (keypoint_batches.batch(keys, s) for s, keys in enumerate(sampler, start=start))
     else:
         loader = make_loader(dataset, sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
