@@ -257,6 +257,25 @@ def test_a_compiled_step_trains_as_the_eager_one(body, kp_data, tmp_path):
             assert mine[name] == pytest.approx(theirs[name], rel=2e-2), (name, mine[name], theirs[name])
 
 
+def test_a_killed_eager_training_resumes_compiled(body, kp_data, tmp_path):
+    """train.compile changes how the step runs, not what it computes: a resumed run may switch it."""
+    root, fits = kp_data
+    settings = dict(steps=4, batch_size=12, use_augmentation=False, checkpoint_every=2, log_every=1)
+
+    def die(metrics, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_regressor(_config(compile=False, **settings), [root], fits, tmp_path / "model", body, log_metrics=die)
+    summary = train_regressor(_config(compile=True, **settings), [root], fits, tmp_path / "model", body)
+    assert (summary["resumed_from"], summary["trained_steps"], summary["compile"]) == (2, 2, True)
+    train_regressor(_config(compile=False, **settings), [root], fits, tmp_path / "straight", body)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
 def test_compiled_augmentation_makes_the_eager_batches(body, kp_data):
     root, fits = kp_data
     config = _config()

@@ -51,8 +51,8 @@ from trainer.model import (
 from trainer.train_config import TrainConfig
 
 CHECKPOINT_FORMAT = "spin-pipeline-regressor/1"
-# settings that may change between a run and its resumption
-_RESUMABLE = frozenset({"steps", "num_workers", "device", "log_every", "checkpoint_every", "threads"})
+# settings that may change between a run and its resumption (how the step runs, not what it computes)
+_RESUMABLE = frozenset({"steps", "num_workers", "device", "log_every", "checkpoint_every", "threads", "compile"})
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
