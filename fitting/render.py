@@ -233,12 +233,27 @@ def render(
         if image.shape != (H, W, 3):
             raise ValueError(f"background has shape {image.shape}, expected {(H, W, 3)}")
     image[mask] = np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    parts = np.zeros((H, W), dtype=np.uint8)
-    if part_labels is not None:
-        labels = np.asarray(part_labels, dtype=np.int64)
-        nearest = corner[np.arange(len(corner)), np.argmax(b, axis=1)]
-        parts[mask] = labels[nearest].astype(np.uint8)
+    parts = np.zeros((H, W), dtype=np.uint8) if part_labels is None else _parts_image(mask, corner, b, part_labels)
     return Rendered(image=image, mask=mask, parts=parts, depth=depth)
+
+
+def _parts_image(mask: np.ndarray, corner: np.ndarray, bary: np.ndarray, part_labels: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 part labels: each covered pixel takes the label of its triangle's nearest
+    corner (`corner` (P, 3) vertex ids and `bary` (P, 3) of the P covered pixels, in mask order)."""
+    parts = np.zeros(mask.shape, dtype=np.uint8)
+    nearest = corner[np.arange(len(corner)), np.argmax(bary, axis=1)]
+    parts[mask] = np.asarray(part_labels, dtype=np.int64)[nearest].astype(np.uint8)
+    return parts
+
+
+def render_labels(vertices: np.ndarray, faces: np.ndarray, focal: float, center, size: int | tuple[int, int],
+                  part_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`render`'s mask and parts without its shaded image: ((H, W) bool, (H, W) uint8), what a
+    segmentation score reads."""
+    f = np.asarray(faces, dtype=np.int64)
+    face, bary, _ = rasterize(np.asarray(vertices, dtype=np.float64), f, focal, center, _image_size(size))
+    mask = face >= 0
+    return mask, _parts_image(mask, f[face[mask]], bary[mask], part_labels)
 
 
 def part_labels(model) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 
 from fitting.body_model import load_body_model
 from fitting.keypoints import KEYPOINT_NAMES
-from fitting.render import PART_NAMES, draw_keypoints, overlay_mesh, part_labels, render
+from fitting.render import PART_NAMES, draw_keypoints, overlay_mesh, part_labels, render, render_labels
 
 
 def inside_convex(polygon: np.ndarray, size: int) -> np.ndarray:
@@ -126,6 +126,14 @@ def test_body_vertices_fall_inside_the_mask(body):
     left = np.nonzero(r.parts == PART_NAMES.index("left arm"))[1].mean()
     right = np.nonzero(r.parts == PART_NAMES.index("right arm"))[1].mean()
     assert left > c > right
+
+
+def test_labels_alone_are_the_rendered_mask_and_parts(body):
+    model, verts, _ = body
+    labels = part_labels(model)
+    full = render(verts, model.faces, 5000.0, (112, 112), (224, 200), part_labels=labels)
+    mask, parts = render_labels(verts, model.faces, 5000.0, (112, 112), (224, 200), labels)
+    assert mask.any() and np.array_equal(mask, full.mask) and np.array_equal(parts, full.parts)
 
 
 def test_part_labels_follow_the_skinning(body):

@@ -26,7 +26,7 @@ from fitting.camera import FOCAL_LENGTH, IMG_RES, crop_camera
 from fitting.errors import BadInput
 from fitting.keypoint_body import KeypointBody
 from fitting.keypoints import GT24
-from fitting.render import overlay_mesh, part_labels, render
+from fitting.render import overlay_mesh, part_labels, render_labels
 from trainer.data.protocols import (
     PROTOCOLS,
     Protocol,
@@ -260,12 +260,12 @@ def _rendered_labels(protocol: Protocol, verts: np.ndarray, mask: bytes, part_ma
     gt_mask = decode_mask(mask) > 0
     gt_parts = decode_mask(part_mask) if part_mask is not None else None
     if protocol.segmentation == "image":  # SPIN renders its 224-px crop and un-crops it
-        rendered = render(verts, faces, FOCAL_LENGTH, (IMG_RES / 2.0, IMG_RES / 2.0), IMG_RES, part_labels=labels)
-        pred_mask = uncrop_labels(rendered.mask.astype(np.uint8), center, scale, gt_mask.shape) > 0
-        return gt_mask, pred_mask, gt_parts, uncrop_labels(rendered.parts, center, scale, gt_mask.shape)
+        mask, parts = render_labels(verts, faces, FOCAL_LENGTH, (IMG_RES / 2.0, IMG_RES / 2.0), IMG_RES, labels)
+        pred_mask = uncrop_labels(mask.astype(np.uint8), center, scale, gt_mask.shape) > 0
+        return gt_mask, pred_mask, gt_parts, uncrop_labels(parts, center, scale, gt_mask.shape)
     focal, principal = crop_camera(gt_mask.shape[0])
-    rendered = render(verts, faces, focal, principal, gt_mask.shape, part_labels=labels)
-    return gt_mask, rendered.mask, gt_parts, rendered.parts
+    mask, parts = render_labels(verts, faces, focal, principal, gt_mask.shape, labels)
+    return gt_mask, mask, gt_parts, parts
 
 
 def evaluate_predictions(samples: pa.Table, pred: dict[str, np.ndarray], body_model: BodyModel,
