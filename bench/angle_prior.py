@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import roma
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,15 +32,14 @@ from trainer.data.synth import SynthConfig  # noqa: E402
 from trainer.data.synth_run import generate  # noqa: E402
 from trainer.data.tables import fits_table, read_split, to_numpy  # noqa: E402
 from trainer.evaluate import evaluate_fits  # noqa: E402
+from trainer.metrics import shared_rotation_error  # noqa: E402
 
 JOINTS = {"hip": 1, "knee": 4, "shoulder": 16, "elbow": 18}   # SMPL's left ones (the right match them)
 
 
 def systematic_bend(pose: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """(N, 72) fitted and true poses -> per joint, degrees of the mean relative rotation."""
-    fitted, true = (roma.rotvec_to_rotmat(p.reshape(-1, 24, 3)) for p in (pose, truth))
-    mean = roma.special_procrustes((true.transpose(-1, -2) @ fitted).mean(dim=0))
-    degrees = torch.rad2deg(roma.rotmat_to_rotvec(mean).norm(dim=-1))
+    degrees = shared_rotation_error(pose, truth)
     return {name: round(float(degrees[j]), 2) for name, j in JOINTS.items()}
 
 

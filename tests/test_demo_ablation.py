@@ -79,16 +79,6 @@ def test_the_benchmark_fits_with_its_own_angle_prior_weight_unless_told():
     assert benchmark_smplify({"angle_prior_weight": 15.2, "sigma": 50}) == {"angle_prior_weight": 15.2, "sigma": 50}
 
 
-def _systematic_bend(pose, truth, joint: int) -> float:
-    """Degrees of the mean rotation from the true to the fitted rotation of one joint."""
-    import roma
-    import torch
-
-    fitted, true = (roma.rotvec_to_rotmat(p.reshape(-1, 24, 3)[:, joint]) for p in (pose, truth))
-    mean = roma.special_procrustes((true.transpose(-1, -2) @ fitted).mean(dim=0))
-    return float(torch.rad2deg(roma.rotmat_to_rotvec(mean).norm()))
-
-
 @pytest.mark.slow
 def test_spins_angle_prior_bends_the_benchmarks_fits_and_the_benchmarks_weight_does_not():
     """Why the benchmark sets angle_prior_weight: SMPLify started from the true pose of its people
@@ -102,6 +92,7 @@ def test_spins_angle_prior_bends_the_benchmarks_fits_and_the_benchmarks_weight_d
     from fitting.smplify import FitInit, SmplifyConfig, fit
     from trainer.data.synth import SynthConfig
     from trainer.data.synth_keypoints import keypoint_chunk
+    from trainer.metrics import shared_rotation_error
 
     records = keypoint_chunk(SynthConfig.from_preset("keypoints", seed=3, num_train=100, num_test=0), "train", 0, 100)
     pose = torch.as_tensor(np.stack([r["pose"] for r in records]), dtype=torch.float32)
@@ -113,7 +104,7 @@ def test_spins_angle_prior_bends_the_benchmarks_fits_and_the_benchmarks_weight_d
     bends = {}
     for weight in (SmplifyConfig().angle_prior_weight, BENCHMARK_SMPLIFY["angle_prior_weight"]):
         fitted = fit(body, prior, keypoints, FitInit(pose, betas, cam), SmplifyConfig(angle_prior_weight=weight)).pose
-        bends[weight] = [_systematic_bend(fitted, pose, joint) for joint in (4, 5, 18, 19)]   # knees, elbows
+        bends[weight] = shared_rotation_error(fitted, pose)[[4, 5, 18, 19]].tolist()   # knees, elbows
     assert min(bends[15.2]) > 8.0, bends
     assert max(bends[5.0]) < 5.0, bends
 

@@ -19,6 +19,7 @@ from trainer.data.protocols import PROTOCOLS, lsp14_joints
 from trainer.evaluate import _eval_joints, evaluate_fits, evaluate_regressor, format_table, write_overlays
 from trainer.metrics import (
     AUC_THRESHOLDS_MM, auc, confusion_matrix, joint_errors, mpjpe, pa_mpjpe, pck, pose_metrics, segmentation_scores,
+    shared_rotation_error,
 )
 from trainer.model import Regressor
 
@@ -85,6 +86,20 @@ def test_pck_and_auc():
     expected = np.mean([100 * np.mean(np.array([0.0, 100.0, 150.0]) < t) for t in AUC_THRESHOLDS_MM])
     assert float(auc(errors)) == pytest.approx(expected)
     assert len(AUC_THRESHOLDS_MM) == 31 and AUC_THRESHOLDS_MM[-1] == 150.0
+
+
+def test_shared_rotation_error_sees_a_common_turn_and_not_scatter():
+    truth = torch.as_tensor(np.random.default_rng(0).normal(scale=0.5, size=(200, 72)))
+    turned = roma.rotvec_to_rotmat(truth.reshape(200, 24, 3))
+    turned[:, 18] = turned[:, 18] @ roma.rotvec_to_rotmat(torch.tensor([0.0, -math.radians(20), 0.0], dtype=truth.dtype))
+    fitted = roma.rotmat_to_rotvec(turned).reshape(200, 72)
+    error = shared_rotation_error(fitted, truth)
+    assert error.shape == (24,) and error[18] == pytest.approx(20.0, abs=1e-4) and float(error[:18].max()) < 1e-4
+    # each fit off by its own +-20 degrees about the same axis: no shared direction
+    sign = torch.where(torch.arange(200) % 2 == 0, 1.0, -1.0).to(truth.dtype)
+    scattered = roma.rotvec_to_rotmat(truth.reshape(200, 24, 3))
+    scattered[:, 4] = scattered[:, 4] @ roma.rotvec_to_rotmat(sign[:, None] * torch.tensor([math.radians(20), 0.0, 0.0], dtype=truth.dtype))
+    assert float(shared_rotation_error(roma.rotmat_to_rotvec(scattered).reshape(200, 72), truth)[4]) < 1e-4
 
 
 def test_segmentation_scores_on_hand_made_masks():

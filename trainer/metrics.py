@@ -12,10 +12,12 @@ an optional (B, J) mask of the joints that count; errors in millimetres:
 Segmentation: accuracy and macro F1 from a confusion matrix accumulated over the whole test set,
 as SPIN (after UP-3D) evaluates LSP: foreground/background (2 classes) and the six parts plus
 background (7 classes).
+Pose bias: the rotation every fit shares per joint (`shared_rotation_error`), as an angle.
 """
 from __future__ import annotations
 
 import numpy as np
+import roma
 import torch
 
 from fitting.geometry import similarity_align
@@ -70,6 +72,15 @@ def pose_metrics(pred: torch.Tensor, gt: torch.Tensor, counts: torch.Tensor | No
     if with_pck:
         out.update(pck=pck(raw), auc=auc(raw), pa_pck=pck(aligned), pa_auc=auc(aligned))
     return out
+
+
+def shared_rotation_error(pose: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(N, 24 * 3) fitted and true axis-angle poses -> (24,) degrees per joint of the mean (the
+    rotation closest to the average) of the rotations from the true to the fitted joint: 0 when
+    the fits err in no common direction, whatever their error per sample."""
+    fitted, true = (roma.rotvec_to_rotmat(p.reshape(p.shape[0], -1, 3)) for p in (pose, truth))
+    mean = roma.special_procrustes((true.transpose(-1, -2) @ fitted).mean(dim=0))
+    return torch.rad2deg(roma.rotmat_to_rotvec(mean).norm(dim=-1))
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int | None = 255) -> np.ndarray:
